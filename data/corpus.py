@@ -1,0 +1,159 @@
+"""Documents to train on, as a HF `datasets.Dataset` with the columns `name` (str) and `text` (str).
+
+Sources (`data.path`):
+- `None` (the embedded default): the Python standard library's own source, which every machine has.
+  One document per module (`.py` file) under `sysconfig.get_paths()["stdlib"]`, `site-packages` and
+  `dist-packages` skipped, in sorted path order; `name` is the path relative to the stdlib directory.
+- a directory: every `*.txt`, `*.py`, `*.md` file below it (hidden folders skipped), one document per
+  file, sorted by relative path, which is the `name`.
+- a `.jsonl` / `.json` / `.parquet` file with a `text` column, read by `datasets.load_dataset`; `name`
+  is taken from a `name` or `id` column when there is one, else `<file name>#<row>`.
+
+Files are decoded as UTF-8 with undecodable bytes replaced. Documents whose text is only whitespace
+are dropped. The validation split holds the documents whose name hashes below `VAL_FRACTION` (about 2%
+of them, at least one): it depends only on the names, so it is the same on every machine and run.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".py", ".md")
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SPLITS = ("train", "val")
+VAL_FRACTION = 0.02
+CORPUS_VERSION = 1  # bump when the way documents are read changes, so cached results are rebuilt
+
+
+def stdlib_dir() -> Path:
+    """The directory of the running interpreter's standard library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files() -> list[Path]:
+    root = stdlib_dir()
+    skipped = {"site-packages", "dist-packages", "__pycache__"}
+    files = (p for p in root.rglob("*.py") if skipped.isdisjoint(p.relative_to(root).parts))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _text_files(root: Path) -> list[Path]:
+    files = (
+        p
+        for p in root.rglob("*")
+        if p.suffix in TEXT_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"data.path={path} does not exist")
+    if p.is_file() and p.suffix not in TABLE_SUFFIXES:
+        raise ValueError(
+            f"data.path={path}: a file must end in {', '.join(TABLE_SUFFIXES)} (or give a directory of "
+            f"{', '.join('*' + s for s in TEXT_SUFFIXES)} files)"
+        )
+    return p
+
+
+def corpus_fingerprint(path: str | os.PathLike | None = None) -> str:
+    """A cheap identity of the corpus at `path` (`None` = stdlib): names, sizes and mtimes of its files.
+
+    Returns a hex string; it changes when a file is added, removed or modified. Does not read file
+    contents. Raises `ValueError` (naming `data.path`) when `path` does not exist or has a bad suffix.
+    """
+    if path is None:
+        root, files, source = stdlib_dir(), _stdlib_files(), ["stdlib", sys.version]
+    else:
+        p = _check_path(path)
+        root, files, source = (p, _text_files(p), ["dir"]) if p.is_dir() else (p.parent, [p], ["file"])
+        source.append(str(p.resolve()))
+    h = hashlib.sha256(json.dumps([CORPUS_VERSION, *source, str(root)]).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_files(root: Path, files: list[Path]) -> datasets.Dataset:
+    names = [f.relative_to(root).as_posix() for f in files]
+    texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files]
+    return datasets.Dataset.from_dict({"name": names, "text": texts})
+
+
+def _read_table(path: Path, cache_dir: Path | None) -> datasets.Dataset:
+    ds = datasets.load_dataset(
+        TABLE_SUFFIXES[path.suffix],
+        data_files=str(path),
+        split="train",
+        cache_dir=str(cache_dir / "hf") if cache_dir else None,
+    )
+    if "text" not in ds.column_names:
+        raise ValueError(f"data.path={path} has no 'text' column (columns: {ds.column_names})")
+    id_column = next((c for c in ("name", "id") if c in ds.column_names), None)
+    names = [str(x) for x in ds[id_column]] if id_column else [f"{path.name}#{i}" for i in range(len(ds))]
+    return datasets.Dataset.from_dict({"name": names, "text": [t or "" for t in ds["text"]]})
+
+
+def load_corpus(path: str | os.PathLike | None = None, cache_dir: Path | None = None) -> datasets.Dataset:
+    """Load every document of the corpus at `path` (`None` = the Python stdlib sources).
+
+    Returns a `datasets.Dataset` with columns `name` (str) and `text` (str), in a deterministic order,
+    whitespace-only documents dropped. `cache_dir` (optional) hosts `datasets`' own cache for table files.
+    Raises `ValueError` naming `data.path` and its value when the path does not exist, has an unsupported
+    suffix, lacks a `text` column, or yields no documents.
+    """
+    if path is None:
+        ds = _read_files(stdlib_dir(), _stdlib_files())
+    else:
+        p = _check_path(path)
+        ds = _read_files(p, _text_files(p)) if p.is_dir() else _read_table(p, cache_dir)
+    keep = [i for i, text in enumerate(ds["text"]) if text.strip()]
+    if not keep:
+        looked_for = "" if path is None or Path(path).is_file() else f" (looked for *{', *'.join(TEXT_SUFFIXES)})"
+        raise ValueError(f"data.path={path} yields no documents{looked_for}")
+    if len(keep) < len(ds):
+        logger.info("corpus: dropped %d empty documents", len(ds) - len(keep))
+        ds = ds.select(keep)
+    return ds
+
+
+def _name_hash(name: str) -> float:
+    """A number in [0, 1) fixed by the document name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+
+
+def split_indices(names: list[str], split: str) -> list[int]:
+    """Indices (ascending) of the documents named `names` that belong to `split` ("train" or "val").
+
+    "val" holds the documents with `_name_hash(name) < VAL_FRACTION`, or the single lowest-hash one when
+    none falls below; "train" holds the rest. With a single document both splits are that document (a
+    warning is logged). Raises `ValueError` for another `split`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {SPLITS}")
+    if len(names) == 1:
+        logger.warning("corpus has a single document: train and val splits both use it")
+        return [0]
+    hashes = [_name_hash(n) for n in names]
+    val = {i for i, h in enumerate(hashes) if h < VAL_FRACTION} or {min(range(len(names)), key=hashes.__getitem__)}
+    if len(val) == len(names):  # tiny corpora: keep at least one training document
+        val = {min(range(len(names)), key=hashes.__getitem__)}
+    return [i for i in range(len(names)) if (i in val) == (split == "val")]
+
+
+def split_corpus(corpus: datasets.Dataset, split: str) -> datasets.Dataset:
+    """The documents of `corpus` (columns `name`, `text`) in `split` ("train" or "val"), order kept."""
+    return corpus.select(split_indices(corpus["name"], split))

@@ -1,0 +1,104 @@
+"""Public MoBA attention entry point: argument checks and the one backend dispatch point.
+
+Backends:
+    "reference"  dense masked attention in float32 (``moba_core.reference``), for tests.
+    "flash"      the gathered varlen formulation (``moba_core.flash``): current-block causal part plus
+                 selected-blocks part, merged by LSE; flash-attn / PyTorch FlashAttention on a GPU,
+                 an exact PyTorch path on a CPU.
+    "triton"     our Triton kernels (``moba_core.triton_backend`` -> ``kernels``), GPU (or the Triton
+                 interpreter with ``TRITON_INTERPRET=1``).
+    "auto"       "triton" on a CUDA device when Triton imports, else "flash".
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .layout import check_moba_args
+from .reference import moba_attention_reference
+
+BACKENDS = ("auto", "triton", "flash", "reference")
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it runs on a CUDA device, or anywhere under ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` (one of ``BACKENDS``) to a concrete backend for tensors on ``device``.
+
+    Raises:
+        ValueError: unknown backend name, or "triton" on a CPU without ``TRITON_INTERPRET=1``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "flash"
+    if backend == "triton" and not ((device.type == "cuda" or interpret) and triton_available()):
+        raise ValueError(
+            f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1); tensors are on {device}"
+        )
+    return backend
+
+
+def moba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    block_size: int,
+    top_k: int,
+    *,
+    softmax_scale: float | None = None,
+    group_routing: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MoBA (Mixture of Block Attention, arXiv 2502.13189, Sec. 2.2) over a packed varlen batch.
+
+    Each document is cut into blocks of ``block_size`` keys. Query t attends causally inside its own
+    block plus the ``top_k - 1`` earlier blocks of its document with the highest score
+    ``q_t . mean(k_block)`` (float32, no scale, hard choice without gradient). The output is softmax
+    attention (scale ``softmax_scale``, default ``1/sqrt(D)``) over the union of those keys.
+
+    Args:
+        q: (total_tokens, H_q, D) float32 / bfloat16 / float16.
+        k, v: (total_tokens, H_kv, D), same dtype; H_q must be a multiple of H_kv (GQA; k/v are
+            never expanded to H_q heads).
+        cu_seqlens: int32 (num_docs + 1,) document offsets, 0 first, total_tokens last; zero-length
+            documents are allowed.
+        max_seqlen: the longest document, in tokens.
+        block_size: keys per block, a positive multiple of 16.
+        top_k: blocks per query including its current block (``top_k = 1``: current block only).
+        softmax_scale: scale of ``q . k`` inside the softmax.
+        group_routing: route once per KV group (mean of the group's scores), so every query head of
+            a group attends the same blocks; default routes per query head as the paper does.
+        backend: one of ``BACKENDS``.
+
+    Returns:
+        o: (total_tokens, H_q, D), dtype of q; differentiable in q, k and v.
+
+    Raises:
+        ValueError: naming the argument and the bad value (see ``check_moba_args`` and
+            ``resolve_backend``).
+    """
+    check_moba_args(q, k, v, cu_seqlens, max_seqlen, block_size, top_k)
+    backend = resolve_backend(backend, q.device)
+    kwargs = dict(softmax_scale=softmax_scale, group_routing=group_routing)
+    if backend == "reference":
+        return moba_attention_reference(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, **kwargs)
+    if backend == "flash":
+        from .flash import flash_moba_attention
+
+        return flash_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, **kwargs)
+    from .triton_backend import triton_moba_attention
+
+    return triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, **kwargs)
