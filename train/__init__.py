@@ -1,0 +1,1 @@
+"""Training: the Hydra entry point (``python -m train``), DeepSpeed engine, loop, checkpoints, logging."""

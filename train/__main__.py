@@ -1,0 +1,47 @@
+"""``python -m train``: one training stage, configured by Hydra (``configs/config.yaml`` and groups).
+
+    python -m train                                   # the tiny model on the stdlib corpus, MoBA
+    python -m train moba.block_size=256 moba.top_k=4 data.seq_len=2048 hydra.run.dir=runs/x
+    python -m train -m moba.block_size=128,256 moba.top_k=2,3      # a sweep (one run per combination)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import RunConfig, register_configs
+
+register_configs()
+log = logging.getLogger("train")
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Typed config (dataclass checks run here, before any data, model or GPU work)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError:
+        raise
+    except Exception as e:  # OmegaConf wraps errors raised in __post_init__
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> float | None:
+    run_cfg = to_run_config(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from .loop import run
+
+    result = run(run_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    return result.get("val_loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Typed configuration of one training stage (the Hydra schema).
+
+Every config group has a dataclass here, registered in Hydra's ConfigStore as ``base_config``; the YAML
+files under ``configs/`` only set values, so a misspelt key fails when the config is composed. Checks run
+in ``__post_init__`` (through ``OmegaConf.to_object``) and ``RunConfig.check`` (cross-field checks), and
+raise ``ValueError`` naming the override to change, before any model, data or GPU work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from moba_core import MoBAConfig
+from moba_core.schedule import check_schedule
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # label of the architecture preset (configs/model/<name>.yaml)
+    name_or_path: str | None = None  # HF checkpoint dir to continue from; None = fresh init from the fields below
+    hidden_size: int = 256  # width of the residual stream
+    intermediate_size: int = 688  # MLP width
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (GQA when < num_heads)
+    rope_theta: float | None = None  # RoPE base; None = 10000 for a fresh model, the checkpoint's value otherwise
+    max_position_embeddings: int = 131072  # largest position the model is configured for (tokens)
+    tie_embeddings: bool = True  # share input embedding and LM head weights
+    init_std: float = 0.02  # std of the normal init of fresh weights
+
+    def __post_init__(self):
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads}"
+            )
+
+
+@dataclass
+class MoBASettings:
+    block_size: int = 128  # keys per MoBA block (tokens); positive multiple of 16
+    top_k: int = 3  # blocks per query, counting its own block
+    full_attn_layers: Any = field(default_factory=list)  # layer indices kept full; an int N = the last N layers
+    group_routing: bool = False  # one routing choice per KV group instead of per query head
+    backend: str = "auto"  # auto | triton | flash | reference
+
+    def __post_init__(self):
+        f = self.full_attn_layers
+        if isinstance(f, int) and f < 0:
+            raise ValueError(f"moba.full_attn_layers={f} must be >= 0 when it counts the last N layers")
+        if not isinstance(f, int) and not (isinstance(f, (list, tuple)) and all(isinstance(i, int) for i in f)):
+            raise ValueError(f"moba.full_attn_layers={f!r} must be a list of layer indices or an int N (last N)")
+        self.to_moba_config()  # MoBAConfig checks block_size, top_k and backend
+
+    def to_moba_config(self) -> MoBAConfig:
+        return MoBAConfig(
+            block_size=self.block_size,
+            top_k=self.top_k,
+            full_attn_layers=self.full_layer_indices(),
+            group_routing=self.group_routing,
+            backend=self.backend,
+        )
+
+    def full_layer_indices(self) -> list[int]:
+        """``full_attn_layers`` as indices (an int N becomes the last N layers, as negative indices)."""
+        f = self.full_attn_layers
+        return list(range(-f, 0)) if isinstance(f, int) else list(f)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "moba"  # moba | full | full_then_moba | moba_then_full
+    switch_fraction: float = 0.9  # fraction of train.max_steps at which a two-phase schedule switches
+
+    def __post_init__(self):
+        check_schedule(self.name, self.switch_fraction)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None = the embedded default corpus (the Python standard library's sources)
+    tokenizer: str | None = None  # HF tokenizer dir; None = SentencePiece trained on the corpus and cached
+    vocab_size: int = 8192  # vocabulary of the trained SentencePiece tokenizer
+    seq_len: int = 1024  # tokens per packed sample
+    packing: str = "concat"  # concat (documents end to end, cut at sample edges) | pad (one doc per sample)
+    cache_dir: str | None = None  # tokenizer and packed shards; None = $MOBA_CACHE or <repo>/.cache/data
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
+        if self.packing not in ("concat", "pad"):
+            raise ValueError(f"data.packing={self.packing!r} must be 'concat' or 'pad'")
+        if self.vocab_size < 64:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 64")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warmup (optimizer steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = 100  # optimizer steps of this stage
+    micro_batch_size: int = 1  # packed samples per micro-batch per data-parallel rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    activation_checkpointing: bool = False  # recompute decoder layers in backward
+    log_every: int = 1  # optimizer steps between metric lines
+    eval_every: int = 0  # optimizer steps between validation passes; 0 = only at the end
+    eval_batches: int = 4  # validation micro-batches per pass
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked cross-entropy
+
+    def __post_init__(self):
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "loss_chunk_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    sp_size: int = 1  # sequence-parallel (Ulysses) group size
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    offload_optimizer: bool = False  # keep optimizer states in CPU memory (ZeRO >= 1)
+
+    def __post_init__(self):
+        if self.sp_size < 1:
+            raise ValueError(f"parallel.sp_size={self.sp_size} must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # None = <run dir>/checkpoints
+    every: int = 50  # optimizer steps between checkpoints (and one at the end)
+    keep: int = 2  # newest checkpoints kept; 0 = keep all
+    export_hf: bool = True  # write the final model as an HF checkpoint (safetensors) to <run dir>/hf
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 1")
+        if self.keep < 0:
+            raise ValueError(f"checkpoint.keep={self.keep} must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "moba-cpt"
+    name: str | None = None  # run name; None = the run dir's name
+
+    def __post_init__(self):
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb.mode={self.mode!r} must be offline, online or disabled")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: str = "auto"  # auto (when stderr is a terminal) | on | off
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moba: MoBASettings = field(default_factory=MoBASettings)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: Any = None  # name of the experiment preset, if any (set by configs/experiment/*.yaml)
+    resume: str = "auto"  # auto (latest checkpoint of the run dir, if any) | none | a checkpoint dir
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be auto, cpu or cuda")
+
+    def check(self, world_size: int = 1, num_layers: int | None = None) -> None:
+        """Cross-field checks; run on every rank before any collective or GPU work.
+
+        Raises:
+            ValueError: naming the settings and values that disagree.
+        """
+        uses_moba = self.schedule.name != "full"
+        if uses_moba and self.data.seq_len < self.moba.block_size:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is smaller than moba.block_size={self.moba.block_size}: "
+                "MoBA needs at least one block per sequence"
+            )
+        sp = self.parallel.sp_size
+        if world_size % sp:
+            raise ValueError(f"world size {world_size} must be divisible by parallel.sp_size={sp}")
+        if self.data.seq_len % sp:
+            raise ValueError(f"data.seq_len={self.data.seq_len} must be divisible by parallel.sp_size={sp}")
+        if self.model.name_or_path is None:
+            for key in ("num_heads", "num_kv_heads"):
+                n = getattr(self.model, key)
+                if n % sp:
+                    raise ValueError(f"model.{key}={n} must be divisible by parallel.sp_size={sp}")
+        if num_layers is not None and uses_moba:
+            self.moba.to_moba_config().moba_layers(num_layers)  # raises on an index outside the model
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` (used first in ``configs/config.yaml``'s defaults)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)

@@ -1,0 +1,87 @@
+"""Process-group setup: device choice, torch.distributed through DeepSpeed, data/sequence-parallel ranks.
+
+World = dp x sp. Sequence-parallel groups are contiguous ranks ``[i*sp, (i+1)*sp)`` (DeepSpeed's
+convention); data-parallel rank = rank // sp.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    sp_size: int
+    device: torch.device
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun / deepspeed / SLURM environment variables."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return rank, world, local
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """``device=auto|cpu|cuda`` -> a torch device. Raises ValueError for cuda without a GPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(requested_device: str, sp_size: int) -> DistInfo:
+    """Start torch.distributed (gloo on CPU, nccl on GPU) through DeepSpeed; works without a launcher.
+
+    On a CPU, DeepSpeed needs ``DS_ACCELERATOR=cpu`` and ``LOCAL_SIZE``; they are set here when absent.
+    """
+    rank, world, local = world_from_env()
+    device = pick_device(requested_device, local)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("LOCAL_SIZE", str(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="gloo" if device.type == "cpu" else "nccl", auto_mpi_discovery=False
+        )
+    return DistInfo(rank=rank, world_size=world, local_rank=local, sp_size=sp_size, device=device)

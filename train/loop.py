@@ -1,0 +1,243 @@
+"""One training stage: config checks, data, model, DeepSpeed engine, the loop, checkpoints and logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moba_core.hf import apply_moba, set_moba_layers
+from moba_core.schedule import moba_active, uses_moba
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .distributed import DistInfo, init_distributed
+from .metrics import MetricsLogger
+from .model import PackedCausalLM, attended_keys, build_model, count_params, peak_flops, step_flops
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: RunConfig, info: DistInfo) -> dict:
+    """The DeepSpeed config dict, generated from the typed config (never hand-edited per experiment)."""
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": info.device.type == "cuda"}
+    if cfg.parallel.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * info.dp_size,
+        "zero_optimization": zero,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": info.device.type == "cuda"},
+        "zero_allow_untested_optimizer": True,
+    }
+    if info.sp_size > 1:
+        ds["sequence_parallel_size"] = info.sp_size
+    return ds
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup over ``optim.warmup_steps``, then cosine decay to ``lr * optim.min_lr_ratio``."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(engine, val_loader, info: DistInfo, batches: int) -> float:
+    """Mean validation loss per valid token over ``batches`` micro-batches per rank (all ranks)."""
+    engine.eval()
+    tot, n = 0.0, 0.0
+    it = iter(val_loader)
+    with torch.no_grad():
+        for _ in range(batches):
+            b = to_device(next(it), info.device)
+            loss_sum, n_valid = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
+            tot += float(loss_sum)
+            n += float(n_valid)
+    engine.train()
+    tot, n = _all_reduce_sum([tot, n], info.device)
+    return tot / max(n, 1.0)
+
+
+def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
+    """Train one stage as configured; returns the final metrics. Every check runs before GPU work."""
+    import deepspeed
+
+    from data import build_data, build_dataloader
+
+    info = init_distributed(cfg.device, cfg.parallel.sp_size)
+    cfg.check(world_size=info.world_size)
+    seed_everything(cfg.seed + info.dp_rank)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
+    if info.is_main:
+        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+
+    # Data: rank 0 builds the caches first, the others then read them.
+    d = cfg.data
+    data_kwargs = dict(path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size, seq_len=d.seq_len,
+                       packing=d.packing, cache_dir=d.cache_dir)
+    if not info.is_main:
+        dist.barrier()
+    train_ds, tokenizer = build_data(split="train", **data_kwargs)
+    val_ds, _ = build_data(split="val", **data_kwargs)
+    if info.is_main:
+        dist.barrier()
+    train_loader = build_dataloader(train_ds, cfg.train.micro_batch_size, seed=cfg.seed,
+                                    dp_rank=info.dp_rank, dp_size=info.dp_size)
+    val_loader = build_dataloader(val_ds, cfg.train.micro_batch_size, seed=cfg.seed, dp_rank=info.dp_rank,
+                                  dp_size=info.dp_size, shuffle=False)
+
+    # Model.
+    lm = build_model(cfg.model, tokenizer.vocab_size)
+    num_layers = lm.config.num_hidden_layers
+    cfg.check(world_size=info.world_size, num_layers=num_layers)
+    moba_cfg = cfg.moba.to_moba_config()
+    moba_layer_ids = apply_moba(lm, moba_cfg) if uses_moba(cfg.schedule.name) else []
+    if cfg.train.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, info)
+    )
+
+    step, tokens = 0, 0
+    if resume is not None:
+        state = ckpt.load(engine, resume[0], resume[1], info.rank)
+        step, tokens = int(state["step"]), int(state["tokens"])
+        train_loader.sampler.load_state_dict(state["sampler"])
+        if info.is_main:
+            log.info("resumed from %s at step %d (%d tokens seen)", resume[0] / resume[1], step, tokens)
+    elif info.is_main:
+        log.info("starting from scratch (no checkpoint in %s)", ckpt_dir)
+
+    metrics = MetricsLogger(run_dir, step, cfg.logging.wandb, config_dict, cfg.train.max_steps,
+                            cfg.logging.progress_bar, enabled=info.is_main)
+    n_nonembed = count_params(lm, exclude_embeddings=True)
+    peak = peak_flops(info.device)
+    hc = lm.config
+    q_dim = hc.num_attention_heads * getattr(hc, "head_dim", hc.hidden_size // hc.num_attention_heads)
+    train_iter = iter(train_loader)
+    last = {}
+
+    def client_state() -> dict:
+        return {"step": step, "tokens": tokens, "sampler": train_loader.sampler.state_dict()}
+
+    while step < cfg.train.max_steps:
+        active = moba_active(cfg.schedule.name, step, cfg.train.max_steps, cfg.schedule.switch_fraction)
+        n_moba = set_moba_layers(lm, moba_layer_ids if active else []) if moba_layer_ids else 0
+        t0 = time.perf_counter()
+        loss_sum, n_valid, n_tok, flops = 0.0, 0.0, 0, 0.0
+        for _ in range(cfg.train.grad_accum):
+            b = to_device(next(train_iter), info.device)
+            ls, nv = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
+            engine.backward(ls / nv.clamp_min(1))
+            engine.step()
+            loss_sum += float(ls.detach())
+            n_valid += float(nv)
+            n_tok += b["input_ids"].numel()
+            cu = b["cu_seqlens"].cpu()
+            flops += step_flops(
+                n_nonembed, b["input_ids"].numel(), num_layers, q_dim, attended_keys(cu, None, 1),
+                attended_keys(cu, moba_cfg.block_size, moba_cfg.top_k) if n_moba else 0, n_moba,
+                hc.vocab_size, hc.hidden_size,
+            )
+        if info.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        loss_sum, n_valid, n_tok, flops = _all_reduce_sum([loss_sum, n_valid, n_tok, flops], info.device)
+        n_tok //= info.sp_size  # every sp rank of a group counted the same sample
+        flops /= info.sp_size
+        step += 1
+        tokens += int(n_tok)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            grad_norm = engine.get_global_grad_norm()
+            last = {
+                "step": step,
+                "loss": loss_sum / max(n_valid, 1.0),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": tokens,
+                "tokens_per_s": n_tok / dt,
+                "mfu": flops / dt / (peak * info.world_size) if peak else None,
+                "moba_layers": n_moba,
+                "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
+            }
+            metrics.log(last)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            metrics.log_eval(step, evaluate(engine, val_loader, info, cfg.train.eval_batches))
+        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+            ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank)
+
+    if resume is not None and step == int(resume[1].split("_")[1]) and info.is_main:
+        log.info("already at train.max_steps=%d; nothing to train", cfg.train.max_steps)
+    val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
+    metrics.log_eval(step, val_loss)
+    if cfg.checkpoint.export_hf:
+        export_hf(engine, lm, run_dir / "hf", info, cfg.parallel.zero_stage)
+    metrics.close()
+    return {**last, "val_loss": val_loss, "step": step}
+
+
+def export_hf(engine, lm, out_dir: Path, info: DistInfo, zero_stage: int) -> None:
+    """Write the model as an HF checkpoint (config + safetensors) that ``model.name_or_path`` can load.
+    Collective under ZeRO-3 (parameters are gathered); rank 0 writes."""
+    import deepspeed
+
+    params = list(lm.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
+    with ctx:
+        if info.is_main:
+            attn = lm.config._attn_implementation
+            lm.config._attn_implementation = "sdpa"  # the saved model loads without moba_core registered
+            lm.save_pretrained(out_dir, safe_serialization=True)
+            lm.config._attn_implementation = attn
+            log.info("exported HF checkpoint to %s", out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+

@@ -1,0 +1,87 @@
+"""Step metrics on rank 0: ``metrics.jsonl``, wandb, and a progress bar or one greppable line per step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to ``<run dir>/metrics.jsonl`` and to wandb.
+
+    On resume, lines of steps after the resumed step (written by the run that died) are dropped, so the
+    file holds each step once. wandb runs offline by default and resumes the same run id.
+    """
+
+    def __init__(self, run_dir: Path, resumed_step: int, wandb_cfg, config_dict: dict, max_steps: int,
+                 progress_bar: str, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.bar = None
+        self.wandb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.file = self.path.open("a")
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(
+                project=wandb_cfg.project, name=wandb_cfg.name or run_dir.name, id=run_id, resume="allow",
+                mode=wandb_cfg.mode, dir=str(run_dir), config=config_dict,
+            )
+        show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=resumed_step, desc="train", dynamic_ncols=True)
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=metrics["step"])
+        if self.bar is not None:
+            self.bar.n = metrics["step"]
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                refresh=False,
+            )
+            self.bar.refresh()
+        else:
+            parts = [f"step {metrics['step']}"]
+            for key, fmt in (("loss", ".4f"), ("grad_norm", ".3f"), ("lr", ".3e"), ("tokens_per_s", ".0f"),
+                             ("mfu", ".3f"), ("moba_layers", "d"), ("mem_gb", ".2f")):
+                if metrics.get(key) is not None:
+                    parts.append(f"{key} {format(metrics[key], fmt)}")
+            log.info(" | ".join(parts))
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        if not self.enabled:
+            return
+        log.info("eval step %d | val_loss %.4f", step, val_loss)
+        if self.wandb is not None:
+            self.wandb.log({"val_loss": val_loss}, step=step)
+        with (self.path.parent / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

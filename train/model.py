@@ -1,0 +1,162 @@
+"""Model construction, the packed-batch loss and FLOP accounting.
+
+Legend: T tokens of the packed micro-batch (micro_batch_size x seq_len, one row), V vocabulary,
+Hd hidden size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def _set_rope_theta(config, theta: float) -> None:
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict):
+        rope["rope_theta"] = theta
+    config.rope_theta = theta
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """A Llama-family causal LM in float32: loaded from ``cfg.name_or_path`` or freshly initialised.
+
+    Raises:
+        ValueError: ``model.name_or_path`` is not a directory with an HF config, or its vocabulary is
+            smaller than the tokenizer's (``vocab_size``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if cfg.name_or_path:
+        try:
+            hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.name_or_path={cfg.name_or_path!r} is not an HF checkpoint: {e}") from e
+        if cfg.rope_theta is not None:
+            _set_rope_theta(hf_cfg, cfg.rope_theta)
+        if hf_cfg.vocab_size < vocab_size:
+            raise ValueError(
+                f"model.name_or_path={cfg.name_or_path!r} has vocab_size={hf_cfg.vocab_size} but the tokenizer "
+                f"has {vocab_size}; set data.tokenizer to the model's tokenizer"
+            )
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
+        log.info("loaded %s (%.1fM parameters)", cfg.name_or_path, count_params(model) / 1e6)
+        return model
+    hf_cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        attention_dropout=0.0,
+    )
+    _set_rope_theta(hf_cfg, cfg.rope_theta if cfg.rope_theta is not None else 10000.0)
+    model = LlamaForCausalLM(hf_cfg)
+    log.info("initialised %s (%.1fM parameters)", cfg.name, count_params(model) / 1e6)
+    return model
+
+
+def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    return n
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    """Sum of token cross-entropies without materialising all logits.
+
+    hidden: (T, Hd); weight: (V, Hd) LM head; labels: (T,) int64 with -100 = ignore. Each chunk of
+    ``chunk`` tokens computes its fp32 logits under activation checkpointing, so peak memory is
+    chunk x V. A chunk without valid labels adds exactly 0 (never NaN). Returns a 0-dim fp32 sum.
+    """
+
+    def part(h, y):
+        logits = F.linear(h, weight).float()
+        return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk):
+        h, y = hidden[s : s + chunk], labels[s : s + chunk]
+        if not bool((y != IGNORE_INDEX).any()):
+            continue
+        total = total + (checkpoint(part, h, y, use_reentrant=False) if torch.is_grad_enabled() else part(h, y))
+    return total
+
+
+class PackedCausalLM(nn.Module):
+    """Wraps an HF causal LM: packed micro-batch in, (sum of token losses, valid label count) out.
+
+    forward(input_ids (1, T), labels (1, T), position_ids (1, T), cu_seqlens int32 (docs+1,), max_seqlen)
+    -> (loss_sum fp32 0-dim, n_valid int64 0-dim). Documents are kept apart by passing ``cu_seqlens`` to
+    every attention layer as the flash-attention keyword arguments.
+    """
+
+    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 4096):
+        super().__init__()
+        self.lm = lm
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen: int):
+        out = self.lm.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen,
+            max_length_k=max_seqlen,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+        labels = labels.reshape(-1)
+        weight = self.lm.get_output_embeddings().weight
+        loss_sum = chunked_cross_entropy(hidden, weight, labels, self.loss_chunk_tokens)
+        return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+def attended_keys(cu_seqlens: torch.Tensor, block_size: int | None, top_k: int) -> int:
+    """Query-key pairs one head computes for a packed batch: causal within each document, and under MoBA
+    (``block_size`` set) the current block's causal prefix plus up to ``top_k - 1`` earlier full blocks.
+    Used for FLOP counts (packed documents are not one long sequence; causal is not a full square)."""
+    total = 0
+    for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist():
+        if block_size is None:
+            total += n * (n + 1) // 2
+            continue
+        pos = torch.arange(n, dtype=torch.int64)
+        blk = pos // block_size
+        total += int((pos % block_size + 1 + torch.clamp(blk, max=top_k - 1) * block_size).sum())
+    return total
+
+
+def step_flops(n_params_nonembed: int, n_tokens: int, num_layers: int, q_dim: int, pairs_full: int,
+               pairs_moba: int, moba_layers: int, vocab: int, hidden: int) -> float:
+    """Model FLOPs of forward + backward: 6 N per token for the dense weights (LM head included), plus
+    12 x q_dim per attended query-key pair and layer (QK^T and PV, x3 for fwd+bwd)."""
+    dense = 6.0 * (n_params_nonembed + vocab * hidden) * n_tokens
+    attn = 12.0 * q_dim * (pairs_moba * moba_layers + pairs_full * (num_layers - moba_layers))
+    return dense + attn
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of one GPU (None on a CPU or an unknown GPU: MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
