@@ -67,7 +67,6 @@ class TorchVarlen:
 
     def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         Tq, Hq, D = q.shape
-        Hkv = k.shape[1]
         if Tq == 0 or cu_q.numel() < 2:
             return q.new_zeros(q.shape, dtype=torch.float32), q.new_full((Hq, Tq), float("-inf"), dtype=torch.float32)
         s, mask, q_idx, q_ok, k_idx, _ = self._scores(q, k, cu_q, cu_k, max_k, causal, scale)

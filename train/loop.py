@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moba_core.hf import apply_moba, set_moba_layers
-from moba_core.schedule import moba_active, uses_moba
+from moba_core.schedule import moba_active
 
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -130,7 +130,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     num_layers = lm.config.num_hidden_layers
     cfg.check(world_size=info.world_size, num_layers=num_layers)
     moba_cfg = cfg.moba.to_moba_config()
-    moba_layer_ids = apply_moba(lm, moba_cfg) if uses_moba(cfg.schedule.name) else []
+    # Every layer goes through moba_core's attention function, so full layers are document-masked too.
+    moba_layer_ids = apply_moba(lm, moba_cfg)  # the schedule below decides when they run MoBA
     if cfg.train.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens)
@@ -170,7 +171,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
 
     while step < cfg.train.max_steps:
         active = moba_active(cfg.schedule.name, step, cfg.train.max_steps, cfg.schedule.switch_fraction)
-        n_moba = set_moba_layers(lm, moba_layer_ids if active else []) if moba_layer_ids else 0
+        n_moba = set_moba_layers(lm, moba_layer_ids if active else [])
         t0 = time.perf_counter()
         loss_sum, n_valid, n_tok, flops = 0.0, 0.0, 0, 0.0
         for _ in range(cfg.train.grad_accum):
