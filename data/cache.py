@@ -1,7 +1,7 @@
 """The on-disk cache of `data/`: where it lives, how keys are made, how files appear atomically.
 
 Everything `data/` derives (the trained tokenizer, token streams, packed samples) goes under one cache
-directory: `$MOBA_CACHE/data` when the environment variable is set, else `<repo>/.cache/data`
+directory: `$MOBA_CACHE` when the environment variable is set, else `<repo>/.cache/data`
 (git-ignored). Entries are named by a key hashed from everything they depend on, so a changed input
 makes a new entry instead of reusing a stale one. Entries appear by `os.replace` / `os.rename` of a
 finished temporary file or directory, so a killed run never leaves a half-written entry behind; two
@@ -21,9 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_cache_dir() -> Path:
-    """The data cache directory: `$MOBA_CACHE/data` if `MOBA_CACHE` is set, else `<repo>/.cache/data`."""
+    """The data cache directory: `$MOBA_CACHE` if that is set (and not empty), else `<repo>/.cache/data`."""
     root = os.environ.get("MOBA_CACHE")
-    return Path(root) / "data" if root else REPO_ROOT / ".cache" / "data"
+    return Path(root).expanduser() if root else REPO_ROOT / ".cache" / "data"
 
 
 def cache_key(*parts: object) -> str:

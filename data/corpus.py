@@ -122,8 +122,8 @@ def load_corpus(path: str | os.PathLike | None = None, cache_dir: Path | None = 
         ds = _read_files(p, _text_files(p)) if p.is_dir() else _read_table(p, cache_dir)
     keep = [i for i, text in enumerate(ds["text"]) if text.strip()]
     if not keep:
-        looked_for = "" if path is None or Path(path).is_file() else f" (looked for *{', *'.join(TEXT_SUFFIXES)})"
-        raise ValueError(f"data.path={path} yields no documents{looked_for}")
+        hint = "" if path is None or Path(path).is_file() else f" (looked for *{', *'.join(TEXT_SUFFIXES)})"
+        raise ValueError(f"data.path={path} yields no documents{hint}")
     if len(keep) < len(ds):
         logger.info("corpus: dropped %d empty documents", len(ds) - len(keep))
         ds = ds.select(keep)
@@ -148,9 +148,10 @@ def split_indices(names: list[str], split: str) -> list[int]:
         logger.warning("corpus has a single document: train and val splits both use it")
         return [0]
     hashes = [_name_hash(n) for n in names]
-    val = {i for i, h in enumerate(hashes) if h < VAL_FRACTION} or {min(range(len(names)), key=hashes.__getitem__)}
-    if len(val) == len(names):  # tiny corpora: keep at least one training document
-        val = {min(range(len(names)), key=hashes.__getitem__)}
+    lowest = {min(range(len(names)), key=hashes.__getitem__)}
+    val = {i for i, h in enumerate(hashes) if h < VAL_FRACTION} or lowest
+    if len(val) == len(names):  # a tiny corpus keeps at least one training document
+        val = lowest
     return [i for i in range(len(names)) if (i in val) == (split == "val")]
 
 
