@@ -99,8 +99,8 @@ class DataConfig:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
         if self.packing not in ("concat", "pad"):
             raise ValueError(f"data.packing={self.packing!r} must be 'concat' or 'pad'")
-        if self.vocab_size < 64:
-            raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 64")
+        if self.vocab_size < 512:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 512 (byte pieces + specials)")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from moba_core.schedule import moba_active
 
 from . import checkpoint as ckpt
 from .config import RunConfig
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, init_distributed, world_from_env
 from .metrics import MetricsLogger
 from .model import PackedCausalLM, attended_keys, build_model, count_params, peak_flops, step_flops
 
@@ -101,8 +101,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
 
     from data import build_data, build_dataloader
 
+    cfg.check(world_size=world_from_env()[1])  # before any collective or GPU work, on every rank
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
-    cfg.check(world_size=info.world_size)
     seed_everything(cfg.seed + info.dp_rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
@@ -165,6 +165,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     q_dim = hc.num_attention_heads * getattr(hc, "head_dim", hc.hidden_size // hc.num_attention_heads)
     train_iter = iter(train_loader)
     last = {}
+    if resume is None:  # the starting point of the stage, to compare the end against
+        metrics.log_eval(0, evaluate(engine, val_loader, info, cfg.train.eval_batches))
 
     def client_state() -> dict:
         return {"step": step, "tokens": tokens, "sampler": train_loader.sampler.state_dict()}

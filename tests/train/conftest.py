@@ -1,0 +1,45 @@
+"""Helpers for the end-to-end training tests: run ``python -m train`` (or torchrun) in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A model and data small enough for a 2-core CPU: 2 layers, 4 query / 2 KV heads, 256-token samples.
+SMALL = [
+    "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
+    "model.num_kv_heads=2", "data.vocab_size=1024", "data.seq_len=256", "moba.block_size=32", "moba.top_k=3",
+    "train.micro_batch_size=2", "train.eval_batches=1", "optim.warmup_steps=2", "logging.wandb.mode=disabled",
+    "checkpoint.export_hf=false",
+]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One data cache (tokenizer, packed shards) shared by every training test of the session."""
+    return tmp_path_factory.mktemp("moba_cache")
+
+
+def run_train(args, run_dir, cache, nproc=1, check=True, timeout=600):
+    env = {**os.environ, "MOBA_CACHE": str(cache), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train"]
+    else:
+        env.update(DS_ACCELERATOR="cpu", LOCAL_SIZE=str(nproc))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "train"]
+    cmd += [*SMALL, f"hydra.run.dir={run_dir}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]

@@ -1,0 +1,19 @@
+"""Two CPU processes (gloo) under torchrun: a DeepSpeed data-parallel run against one process."""
+
+import pytest
+
+from .conftest import read_metrics, run_train
+
+
+def test_two_process_deepspeed_step_matches_one_process(tmp_path, data_cache):
+    """dp=2 with micro-batch 1 sees the same two samples in step 1 as one process with micro-batch 2, so the
+    logged step-1 loss (sum over tokens / valid tokens, reduced over ranks) is the same; training runs."""
+    two = tmp_path / "dp2"
+    run_train(["train.max_steps=2", "train.micro_batch_size=1", "parallel.zero_stage=2"], two, data_cache, nproc=2)
+    one = tmp_path / "dp1"
+    run_train(["train.max_steps=1", "train.micro_batch_size=2"], one, data_cache)
+    m2, m1 = read_metrics(two), read_metrics(one)
+    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
+    assert m2[0]["tokens"] == m1[0]["tokens"] == 2 * 256
+    assert [m["step"] for m in m2] == [1, 2]
+    assert (two / "checkpoints" / "latest").read_text() == "step_00000002"
