@@ -88,15 +88,16 @@ def set_moba_layers(model, layers) -> int:
     return len(layers)
 
 
-def apply_moba(model, cfg: MoBAConfig, name: str = ATTN_IMPLEMENTATION) -> list[int]:
+def apply_moba(model, cfg: MoBAConfig, name: str = ATTN_IMPLEMENTATION, fn=moba_attention_forward) -> list[int]:
     """Switch ``model`` to MoBA attention with ``cfg``; returns the indices of the MoBA layers.
 
-    Layers in ``cfg.full_attn_layers`` keep full causal attention (still document-masked).
+    Layers in ``cfg.full_attn_layers`` keep full causal attention (still document-masked). ``name`` / ``fn``
+    register another attention function that wraps ``moba_attention_forward`` (e.g. sequence parallelism).
 
     Raises:
         ValueError: the model has no attention modules with ``layer_idx``, or a bad layer index.
     """
-    register(name)
+    register(name, fn)
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx")

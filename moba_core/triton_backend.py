@@ -8,6 +8,7 @@ Head dims above 128 fall back to the ``flash`` backend.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -16,7 +17,7 @@ from kernels.attention_fwd import moba_fwd
 from kernels.routing import block_layout, block_means, build_block_lists, route_topk
 
 MAX_HEAD_DIM = 128
-LIST_TILE_M = 64  # queries per program of the key-block-major list kernels
+LIST_TILE_M = int(os.environ.get("MOBA_LIST_TILE_M", "64"))  # queries per program of the list kernels
 
 
 def moba_routing(q, k, cu_seqlens, block_size: int, top_k: int, group_routing: bool):

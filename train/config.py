@@ -206,8 +206,12 @@ class RunConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r} must be auto, cpu or cuda")
 
-    def check(self, world_size: int = 1, num_layers: int | None = None) -> None:
+    def check(self, world_size: int = 1, shape: tuple[int, int, int] | None = None) -> None:
         """Cross-field checks; run on every rank before any collective or GPU work.
+
+        Args:
+            world_size: processes of the job.
+            shape: (attention heads, key/value heads, layers) of the model (``train.model.model_shape``).
 
         Raises:
             ValueError: naming the settings and values that disagree.
@@ -223,13 +227,13 @@ class RunConfig:
             raise ValueError(f"world size {world_size} must be divisible by parallel.sp_size={sp}")
         if self.data.seq_len % sp:
             raise ValueError(f"data.seq_len={self.data.seq_len} must be divisible by parallel.sp_size={sp}")
-        if self.model.name_or_path is None:
-            for key in ("num_heads", "num_kv_heads"):
-                n = getattr(self.model, key)
+        if shape is not None:
+            heads, kv_heads, layers = shape
+            for key, n in (("model.num_heads", heads), ("model.num_kv_heads", kv_heads)):
                 if n % sp:
-                    raise ValueError(f"model.{key}={n} must be divisible by parallel.sp_size={sp}")
-        if num_layers is not None and uses_moba:
-            self.moba.to_moba_config().moba_layers(num_layers)  # raises on an index outside the model
+                    raise ValueError(f"{key}={n} must be divisible by parallel.sp_size={sp}")
+            if uses_moba:
+                self.moba.to_moba_config().moba_layers(layers)  # raises on an index outside the model
 
 
 def register_configs() -> None:

@@ -21,7 +21,8 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
 from .metrics import MetricsLogger
-from .model import PackedCausalLM, attended_keys, build_model, count_params, peak_flops, step_flops
+from .model import PackedCausalLM, attended_keys, build_model, count_params, model_shape, peak_flops, step_flops
+from .sequence_parallel import group_sum, init_sp_groups, shard_batch, sp_attention
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def evaluate(engine, val_loader, info: DistInfo, batches: int) -> float:
     it = iter(val_loader)
     with torch.no_grad():
         for _ in range(batches):
-            b = to_device(next(it), info.device)
+            b = to_device(shard_batch(next(it), info.sp_rank, info.sp_size), info.device)
             loss_sum, n_valid = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
             tot += float(loss_sum)
             n += float(n_valid)
@@ -101,8 +102,14 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
 
     from data import build_data, build_dataloader
 
-    cfg.check(world_size=world_from_env()[1])  # before any collective or GPU work, on every rank
+    # Every rank checks the same things before any collective or GPU work: an error on one rank only
+    # would leave the others waiting in an all-to-all.
+    cfg.check(world_size=world_from_env()[1], shape=model_shape(cfg.model))
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
+    mpu = sp_group = None
+    if info.sp_size > 1:
+        mpu = init_sp_groups(info.sp_size)
+        sp_group = mpu.get_sequence_parallel_group()
     seed_everything(cfg.seed + info.dp_rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
@@ -128,10 +135,14 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     # Model.
     lm = build_model(cfg.model, tokenizer.vocab_size)
     num_layers = lm.config.num_hidden_layers
-    cfg.check(world_size=info.world_size, num_layers=num_layers)
     moba_cfg = cfg.moba.to_moba_config()
-    # Every layer goes through moba_core's attention function, so full layers are document-masked too.
-    moba_layer_ids = apply_moba(lm, moba_cfg)  # the schedule below decides when they run MoBA
+    # Every layer goes through moba_core's attention function (full layers are document-masked too);
+    # the schedule below decides when the MoBA layers run MoBA.
+    if sp_group is not None:
+        name, fn = sp_attention(sp_group)
+        moba_layer_ids = apply_moba(lm, moba_cfg, name=name, fn=fn)
+    else:
+        moba_layer_ids = apply_moba(lm, moba_cfg)
     if cfg.train.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens)
@@ -144,7 +155,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, info)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, info), mpu=mpu
     )
 
     step, tokens = 0, 0
@@ -177,16 +188,18 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         t0 = time.perf_counter()
         loss_sum, n_valid, n_tok, flops = 0.0, 0.0, 0, 0.0
         for _ in range(cfg.train.grad_accum):
-            b = to_device(next(train_iter), info.device)
+            full = next(train_iter)
+            b = to_device(shard_batch(full, info.sp_rank, info.sp_size), info.device)
             ls, nv = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
-            engine.backward(ls / nv.clamp_min(1))
+            # Mean over the valid tokens of the whole sequence (all sp ranks), not of this shard.
+            engine.backward(ls / group_sum(nv, sp_group).clamp_min(1))
             engine.step()
             loss_sum += float(ls.detach())
             n_valid += float(nv)
-            n_tok += b["input_ids"].numel()
-            cu = b["cu_seqlens"].cpu()
+            n_tok += b["input_ids"].numel()  # this shard's tokens: the sum over ranks counts each once
+            cu = full["cu_seqlens"]
             flops += step_flops(
-                n_nonembed, b["input_ids"].numel(), num_layers, q_dim, attended_keys(cu, None, 1),
+                n_nonembed, full["input_ids"].numel(), num_layers, q_dim, attended_keys(cu, None, 1),
                 attended_keys(cu, moba_cfg.block_size, moba_cfg.top_k) if n_moba else 0, n_moba,
                 hc.vocab_size, hc.hidden_size,
             )
@@ -194,8 +207,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         loss_sum, n_valid, n_tok, flops = _all_reduce_sum([loss_sum, n_valid, n_tok, flops], info.device)
-        n_tok //= info.sp_size  # every sp rank of a group counted the same sample
-        flops /= info.sp_size
+        flops /= info.sp_size  # every sp rank counted the FLOPs of the whole sample
         step += 1
         tokens += int(n_tok)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:

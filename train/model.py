@@ -69,6 +69,24 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return model
 
 
+def model_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(attention heads, key/value heads, layers) of the configured model, read without building it
+    (from the checkpoint's config.json when ``model.name_or_path`` is set), for checks before launch.
+
+    Raises:
+        ValueError: ``model.name_or_path`` has no readable HF config.
+    """
+    if not cfg.name_or_path:
+        return cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(cfg.name_or_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name_or_path={cfg.name_or_path!r} is not an HF checkpoint: {e}") from e
+    return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.num_hidden_layers
+
+
 def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
     n = sum(p.numel() for p in model.parameters())
     if exclude_embeddings:
