@@ -45,7 +45,17 @@ def _free_port() -> int:
 
 
 def world_from_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun / deepspeed / SLURM environment variables."""
+    """(rank, world_size, local_rank) from torchrun / deepspeed / SLURM environment variables.
+
+    A process started by SLURM directly (srun, or Hydra's submitit launcher: one task per GPU) gets
+    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from submitit's helper."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        except (ImportError, RuntimeError):
+            pass
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
