@@ -1,0 +1,195 @@
+"""Triton MoBA kernels vs the dense fp32 reference, under TRITON_INTERPRET=1 (see conftest.py).
+
+Tolerance rule (flash-attention's): the kernel's max error against the fp32 reference is at most twice
+the error of the same masked attention computed by PyTorch in the test dtype, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from kernels import routing as kernels
+from moba_core import moba_attention, moba_attention_reference
+
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+def make_inputs(lens, hq, hkv, d, dtype, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    shape_q, shape_k = (T, hq, d), (T, hkv, d)
+    if noncontig:  # (H, T, D) storage seen through a transposed view
+        q = torch.randn(hq, T, d, generator=g).to(dtype).transpose(0, 1)
+        k = torch.randn(hkv, T, d, generator=g).to(dtype).transpose(0, 1)
+        v = torch.randn(hkv, T, 2 * d, generator=g).to(dtype)[..., ::2].transpose(0, 1)
+    else:
+        q = torch.randn(shape_q, generator=g).to(dtype)
+        k = torch.randn(shape_k, generator=g).to(dtype)
+        v = torch.randn(shape_k, generator=g).to(dtype)
+    do = torch.randn(shape_q, generator=g).to(dtype)
+    return q, k, v, do, cu, max(max(lens), 1)
+
+
+def ref_selection(q, k, cu, block_size, top_k, group):
+    """Set of chosen block indices (document-local) per (routing head, token), from the definition."""
+    T, hq, d = q.shape
+    hkv = k.shape[1]
+    gsz = hq // hkv
+    out = {}
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        L = e - s
+        nfull = L // block_size
+        if nfull == 0:
+            continue
+        means = k[s: s + nfull * block_size].float().reshape(nfull, block_size, hkv, d).mean(1)
+        sc = torch.einsum("thd,nhd->htn", q[s:e].float(), means.repeat_interleave(gsz, 1))
+        if group:
+            sc = sc.reshape(hkv, gsz, L, nfull).mean(1)
+        for h in range(sc.shape[0]):
+            for t in range(L):
+                nc = t // block_size
+                kk = min(top_k - 1, nc)
+                out[(h, s + t)] = set(sc[h, t, :nc].topk(kk).indices.tolist()) if kk else set()
+    return out
+
+
+def dense_moba(q, k, v, cu, block_size, top_k, group, scale):
+    """Masked dense attention in q's dtype (the PyTorch baseline for the tolerance rule)."""
+    T, hq, d = q.shape
+    hkv = k.shape[1]
+    sel = ref_selection(q, k, cu, block_size, top_k, group)
+    outs = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        L = e - s
+        if L == 0:
+            continue
+        pos = torch.arange(L)
+        mask = ((pos[:, None] // block_size) == (pos[None, :] // block_size)) & (pos[None, :] <= pos[:, None])
+        mask = mask.expand(hq, L, L).clone()
+        for h in range(hq):
+            hr = h // (hq // hkv) if group else h
+            for t in range(L):
+                for b in sel.get((hr, s + t), ()):
+                    mask[h, t, b * block_size: (b + 1) * block_size] = True
+        kk = k[s:e].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+        vv = v[s:e].repeat_interleave(hq // hkv, 1).transpose(0, 1)
+        sc = (q[s:e].transpose(0, 1) @ kk.transpose(1, 2)) * scale
+        p = torch.softmax(sc.masked_fill(~mask, float("-inf")), -1)
+        outs.append((p @ vv).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def run_all(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    o = fn(q, k, v)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+def check_case(lens, hq, hkv, d, bs, top_k, group, dtype, noncontig=False, seed=0):
+    q, k, v, do, cu, ms = make_inputs(lens, hq, hkv, d, dtype, seed=seed, noncontig=noncontig)
+    tri = run_all(lambda a, b, c: moba_attention(a, b, c, cu, ms, bs, top_k, group_routing=group, backend="triton"),
+                  q, k, v, do)
+    ref = run_all(lambda a, b, c: moba_attention_reference(a, b, c, cu, ms, bs, top_k, group_routing=group),
+                  q, k, v, do)
+    pt = run_all(lambda a, b, c: dense_moba(a, b, c, cu, bs, top_k, group, 1 / math.sqrt(d)), q, k, v, do)
+    for name, a, r, p in zip(("o", "dq", "dk", "dv"), tri, ref, pt):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert torch.isfinite(a).all(), name
+        err = (a.float() - r.float()).abs().max().item()
+        base = (p.float() - r.float()).abs().max().item()
+        assert err <= 2 * base + FLOOR[dtype], f"{name}: kernel err {err:.3e} vs torch {dtype} err {base:.3e}"
+
+
+CASES = [
+    pytest.param([1], 2, 2, 64, 16, 3, False, torch.float32, id="len1"),
+    pytest.param([113], 2, 1, 64, 16, 3, False, torch.float32, id="len113-gqa2"),
+    pytest.param([147], 9, 3, 96, 32, 3, False, torch.float32, id="len147-gqa9x3-d96"),
+    pytest.param([147], 9, 3, 64, 32, 3, True, torch.float32, id="len147-gqa9x3-group"),
+    pytest.param([0, 37, 5, 0, 90, 0], 2, 2, 64, 16, 4, False, torch.float32, id="multidoc-zero-short"),
+    pytest.param([70, 50], 2, 2, 64, 16, 1, False, torch.float32, id="topk1"),
+    pytest.param([80], 2, 2, 128, 16, 12, False, torch.float32, id="topk-gt-blocks-d128"),
+    pytest.param([113], 2, 2, 64, 16, 3, False, torch.float16, id="fp16"),
+    pytest.param([40, 75], 6, 2, 128, 16, 3, True, torch.float16, id="fp16-group-d128"),
+]
+
+
+@pytest.mark.parametrize("lens,hq,hkv,d,bs,top_k,group,dtype", CASES)
+def test_forward_backward_vs_reference(lens, hq, hkv, d, bs, top_k, group, dtype):
+    check_case(lens, hq, hkv, d, bs, top_k, group, dtype)
+
+
+def test_non_contiguous_inputs():
+    check_case([100], 3, 1, 64, 16, 3, False, torch.float32, noncontig=True)
+
+
+def test_poisoned_buffers(monkeypatch):
+    """Every torch.empty the kernels allocate is filled with NaN (float) or a wild value (int)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-12345)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    check_case([0, 50, 7, 61], 2, 2, 64, 16, 3, False, torch.float32, seed=3)
+
+
+def test_routing_selection_matches_definition():
+    for group in (False, True):
+        q, k, v, do, cu, ms = make_inputs([0, 150, 9, 97], 6, 3, 64, torch.float32, seed=1)
+        layout = kernels.block_layout(cu, q.shape[0], 16)
+        sel = kernels.route_topk(q, kernels.block_means(k, layout), layout, 4, group)
+        want = ref_selection(q, k, cu, 16, 4, group)
+        doc_first_block = {}
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            for t in range(s, e):
+                doc_first_block[t] = int(layout["cand_lo"][t])
+        got_count = 0
+        for (h, t), blocks in want.items():
+            got = {b - doc_first_block[t] for b in sel[h, t].tolist() if b >= 0}
+            assert got == blocks, (group, h, t)
+            got_count += len(got)
+        assert got_count > 0
+
+
+def test_key_block_lists_are_sorted_inverse_of_selection():
+    q, k, v, do, cu, ms = make_inputs([150, 60], 2, 2, 64, torch.float32, seed=2)
+    layout = kernels.block_layout(cu, q.shape[0], 16)
+    sel = kernels.route_topk(q, kernels.block_means(k, layout), layout, 3, False)
+    lists = kernels.build_block_lists(sel, layout["NB"], 64)
+    nb, T = layout["NB"], q.shape[0]
+    ptr = lists["list_ptr"].tolist()
+    for h in range(2):
+        for b in range(nb):
+            ents = lists["entries"][ptr[h * nb + b]: ptr[h * nb + b + 1]].long()
+            toks = (ents // 2 % T).tolist()
+            assert toks == sorted(toks)
+            assert toks == [t for t in range(T) if b in sel[h, t].tolist()]
+
+
+def test_unselected_block_gets_exact_zero_grad():
+    """The last block of a document is never a candidate; with dO = 0 on its queries its dK, dV are 0."""
+    q, k, v, do, cu, ms = make_inputs([48], 2, 2, 64, torch.float32, seed=4)
+    do[32:] = 0
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    o = moba_attention(q, k, v, cu, ms, 16, 2, backend="triton")
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert (dk[32:] == 0).all() and (dv[32:] == 0).all()
+    assert (dk[:32] != 0).any()
+
+
+def test_topk_covering_all_blocks_is_dense_causal():
+    q, k, v, do, cu, ms = make_inputs([64], 2, 2, 64, torch.float32, seed=5)
+    o = moba_attention(q, k, v, cu, ms, 16, 4, backend="triton")
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True).transpose(0, 1)
+    torch.testing.assert_close(o, dense, atol=2e-5, rtol=0)
+    o2 = moba_attention(q, k, v, cu, ms, 16, 2, backend="triton")
+    assert (o2 - dense).abs().max() > 1e-3
