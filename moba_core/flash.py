@@ -62,6 +62,20 @@ def _selected_entries(sel: torch.Tensor, layout: BlockLayout, Hkv: int, block_si
     return rows, cu_q, max_q, k_rows, cu_k
 
 
+# Rows of the selected-blocks part per varlen call: keeps row x head_dim offsets far inside int32 (a single
+# flash-attention backward call over all 23M rows of 128K:4096:12 hit an illegal memory access).
+MAX_ROWS_PER_CALL = 1 << 22
+
+
+def _row_chunks(cu_q: torch.Tensor, n_rows: int):
+    """Split the grouped rows into ranges of at most ``MAX_ROWS_PER_CALL``; yields (r0, r1, cu_q clipped to
+    the range). A group cut in two is fine: its queries are independent (non-causal, same keys)."""
+    limit = MAX_ROWS_PER_CALL
+    for r0 in range(0, n_rows, limit):
+        r1 = min(n_rows, r0 + limit)
+        yield r0, r1, (cu_q.clamp(r0, r1) - r0).to(torch.int32)
+
+
 def _merge(o_a, lse_a, o_b, lse_b, rows, T, Hq):
     """LSE merge of part A (o_a (T,H_q,D), lse_a (H_q,T)) and part B entries (o_b (E,D), lse_b (E,)) in
     fp32. Part A always holds the query's own key, so lse_a is finite and no row can give NaN."""
@@ -90,11 +104,16 @@ class _FlashMoBA(torch.autograd.Function):
         if sel.numel():
             rows, cu_q, max_q, k_rows, cu_k = _selected_entries(sel, layout, Hkv, block_size)
         if rows.numel():
-            qb = q.reshape(T * Hq, 1, D)[rows]
             kb = k.reshape(T * Hkv, 1, D)[k_rows]
             vb = v.reshape(T * Hkv, 1, D)[k_rows]
-            o_b, lse_b = prims.fwd(qb, kb, vb, cu_q, cu_k, max_q, block_size, False, scale)
-            o, lse = _merge(o_a, lse_a, o_b.reshape(-1, D), lse_b.reshape(-1), rows, T, Hq)
+            parts = [
+                prims.fwd(q.reshape(T * Hq, 1, D)[rows[r0:r1]], kb, vb, cu, cu_k, min(max_q, r1 - r0), block_size,
+                          False, scale)
+                for r0, r1, cu in _row_chunks(cu_q, rows.numel())
+            ]
+            o_b = torch.cat([p[0].reshape(-1, D) for p in parts])
+            lse_b = torch.cat([p[1].reshape(-1) for p in parts])
+            o, lse = _merge(o_a, lse_a, o_b, lse_b, rows, T, Hq)
         else:
             o, lse = o_a.float(), lse_a.float()
         o = o.to(q.dtype)
@@ -112,18 +131,23 @@ class _FlashMoBA(torch.autograd.Function):
         dq, dk, dv = prims.bwd(do, q, k, v, o, lse, layout.cu_blocks, layout.cu_blocks, bmax, bmax, True, scale)
         dq, dk, dv = dq.float(), dk.float(), dv.float()
         if rows.numel():
-            qb = q.reshape(T * Hq, 1, D)[rows]
             kb = k.reshape(T * Hkv, 1, D)[k_rows]
             vb = v.reshape(T * Hkv, 1, D)[k_rows]
-            do_b = do.reshape(T * Hq, 1, D)[rows]
-            o_b = o.reshape(T * Hq, 1, D)[rows]
-            lse_b = lse.t().reshape(-1)[rows].reshape(1, -1).contiguous()
-            dqb, dkb, dvb = prims.bwd(
-                do_b, qb, kb, vb, o_b, lse_b, cu_q, cu_k, ctx.max_q, ctx.block_size, False, scale
-            )
-            dq.reshape(T * Hq, D).index_add_(0, rows, dqb.reshape(-1, D).float())
-            dk.reshape(T * Hkv, D).index_add_(0, k_rows, dkb.reshape(-1, D).float())
-            dv.reshape(T * Hkv, D).index_add_(0, k_rows, dvb.reshape(-1, D).float())
+            lse_rows = lse.t().reshape(-1)
+            dkb = torch.zeros(kb.shape, dtype=torch.float32, device=kb.device)
+            dvb = torch.zeros(vb.shape, dtype=torch.float32, device=vb.device)
+            for r0, r1, cu in _row_chunks(cu_q, rows.numel()):
+                r = rows[r0:r1]
+                dqb, dkc, dvc = prims.bwd(
+                    do.reshape(T * Hq, 1, D)[r], q.reshape(T * Hq, 1, D)[r], kb, vb, o.reshape(T * Hq, 1, D)[r],
+                    lse_rows[r].reshape(1, -1).contiguous(), cu, cu_k, min(ctx.max_q, r1 - r0), ctx.block_size,
+                    False, scale,
+                )
+                dq.reshape(T * Hq, D).index_add_(0, r, dqb.reshape(-1, D).float())
+                dkb += dkc.float()
+                dvb += dvc.float()
+            dk.reshape(T * Hkv, D).index_add_(0, k_rows, dkb.reshape(-1, D))
+            dv.reshape(T * Hkv, D).index_add_(0, k_rows, dvb.reshape(-1, D))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
