@@ -80,6 +80,16 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def unsharded_grad_norm(engine, zero_stage: int) -> float | None:
+    """Global grad norm before clipping when gradients are whole on every rank (ZeRO 0: DeepSpeed has
+    all-reduced them in ``backward`` at the accumulation boundary but reports no norm on that path).
+    ZeRO >= 1 partitions gradients; DeepSpeed's own ``get_global_grad_norm`` covers those stages."""
+    if zero_stage != 0:
+        return None
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+
+
 def evaluate(engine, val_loader, info: DistInfo, batches: int) -> float:
     """Mean validation loss per valid token over ``batches`` micro-batches per rank (all ranks)."""
     engine.eval()
@@ -182,6 +192,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     def client_state() -> dict:
         return {"step": step, "tokens": tokens, "sampler": train_loader.sampler.state_dict()}
 
+    pre_clip_norm = None
     while step < cfg.train.max_steps:
         active = moba_active(cfg.schedule.name, step, cfg.train.max_steps, cfg.schedule.switch_fraction)
         n_moba = set_moba_layers(lm, moba_layer_ids if active else [])
@@ -193,6 +204,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             ls, nv = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
             # Mean over the valid tokens of the whole sequence (all sp ranks), not of this shard.
             engine.backward(ls / group_sum(nv, sp_group).clamp_min(1))
+            if engine.is_gradient_accumulation_boundary():
+                pre_clip_norm = unsharded_grad_norm(engine, cfg.parallel.zero_stage)
             engine.step()
             loss_sum += float(ls.detach())
             n_valid += float(nv)
@@ -212,6 +225,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         tokens += int(n_tok)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             grad_norm = engine.get_global_grad_norm()
+            grad_norm = pre_clip_norm if grad_norm is None else grad_norm
             last = {
                 "step": step,
                 "loss": loss_sum / max(n_valid, 1.0),

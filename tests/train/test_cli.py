@@ -6,22 +6,25 @@ from .conftest import read_metrics, run_train
 
 
 def test_train_then_resume_matches_uninterrupted_run(tmp_path, data_cache):
-    """4 steps straight vs 2 steps + ``resume=auto`` to 4: same losses (exact resume of model,
-    optimizer, LR schedule and data order), checkpoints on disk, metrics with the required keys."""
+    """4 steps straight vs 2 steps + ``resume=auto`` to 4, with gradient accumulation 2: same losses (exact
+    resume of model, optimizer, LR schedule and data order counted in micro-batches), checkpoints on disk,
+    metrics with the required keys."""
+    ga = "train.grad_accum=2"
     straight = tmp_path / "straight"
-    run_train(["train.max_steps=4", "checkpoint.every=2"], straight, data_cache)
+    run_train(["train.max_steps=4", "checkpoint.every=2", ga], straight, data_cache)
     split = tmp_path / "split"
-    run_train(["train.max_steps=2", "checkpoint.every=2"], split, data_cache)
-    proc = run_train(["train.max_steps=4", "checkpoint.every=2", "resume=auto"], split, data_cache)
+    run_train(["train.max_steps=2", "checkpoint.every=2", ga], split, data_cache)
+    proc = run_train(["train.max_steps=4", "checkpoint.every=2", "resume=auto", ga], split, data_cache)
     assert "resumed from" in proc.stderr + proc.stdout and "at step 2" in proc.stderr + proc.stdout
     a, b = read_metrics(straight), read_metrics(split)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for ma, mb in zip(a, b):
         assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-6)
         assert ma["tokens"] == mb["tokens"]
+        assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4) and ma["grad_norm"] > 0
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "moba_layers"):
         assert key in a[-1]
-    assert a[-1]["moba_layers"] == 2 and a[-1]["tokens"] == 4 * 2 * 256
+    assert a[-1]["moba_layers"] == 2 and a[-1]["tokens"] == 4 * 2 * 2 * 256
     assert a[-1]["loss"] < a[0]["loss"]
     assert (split / "checkpoints" / "latest").read_text() == "step_00000004"
     assert (split / "checkpoints" / "step_00000004").is_dir()
