@@ -13,7 +13,7 @@ from .cache import default_cache_dir
 from .corpus import corpus_fingerprint, load_corpus, split_corpus, stdlib_dir
 from .packing import IGNORE_INDEX, PACKING_MODES, PackedDataset, collate_packed, pack
 from .sampler import ResumableSampler, build_dataloader
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_in
 
 __all__ = [
     "IGNORE_INDEX",
@@ -31,4 +31,5 @@ __all__ = [
     "pack",
     "split_corpus",
     "stdlib_dir",
+    "tokenizer_in",
 ]

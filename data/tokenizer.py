@@ -73,6 +73,10 @@ class Tokenizer:
         """Token ids of each text, without special tokens."""
         raise NotImplementedError
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write this tokenizer into `directory` (an exported model dir), loadable as `data.tokenizer`."""
+        raise NotImplementedError
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of token ids `ids`."""
         raise NotImplementedError
@@ -83,6 +87,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, model_file: Path):
         model = Path(model_file).read_bytes()
+        self._model_bytes = model
         self._sp = spm.SentencePieceProcessor(model_proto=model)
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
@@ -98,6 +103,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes `tokenizer.model` (the SentencePiece model) into `directory`."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "tokenizer.model").write_bytes(self._model_bytes)
 
 
 class HFTokenizer(Tokenizer):
@@ -126,6 +137,23 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the HF tokenizer files into `directory` (`save_pretrained`)."""
+        self._tok.save_pretrained(str(directory))
+
+
+def tokenizer_in(directory: str | os.PathLike | None) -> str | None:
+    """The tokenizer saved in a model directory, as a `data.tokenizer` value: the directory when it holds
+    an HF tokenizer config, its `tokenizer.model` when it holds only a SentencePiece model, else None."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    d = Path(directory)
+    if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
+        return str(d)
+    if (d / "tokenizer.model").is_file():
+        return str(d / "tokenizer.model")
+    return None
 
 
 def _training_chunks(texts: list[str], max_chars: int, seed: int = 0) -> Iterator[str]:

@@ -4,7 +4,7 @@
 # On a CPU (gloo), two processes:  DEVICE_NPROC=2 launch/torchrun.sh device=cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python; fi
 if [ -n "${DEVICE_NPROC:-}" ]; then
   NPROC=$DEVICE_NPROC; export DS_ACCELERATOR=cpu LOCAL_SIZE=$NPROC
 else

@@ -46,7 +46,8 @@ def check_moba_args(q, k, v, cu_seqlens, max_seqlen, block_size, top_k) -> None:
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k={top_k!r} must be an integer >= 1")
     if not torch.is_tensor(cu_seqlens) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        got = cu_seqlens.dtype if torch.is_tensor(cu_seqlens) else type(cu_seqlens).__name__
+        got = (f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if torch.is_tensor(cu_seqlens)
+               else type(cu_seqlens).__name__)
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor; got {got}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 entries (0 and total_tokens); got {cu_seqlens.numel()}")

@@ -11,6 +11,7 @@ removed only after a new one is complete (``checkpoint.keep``).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -45,40 +46,55 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_of(tag: str) -> int:
+    return int(TAG_RE.match(tag).group(1))
+
+
 def list_tags(ckpt_dir: Path) -> list[str]:
     """Complete-looking tags in ``ckpt_dir``, oldest first."""
     if not ckpt_dir.is_dir():
         return []
     tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
-    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+    return sorted(tags, key=step_of)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag named by ``ckpt_dir/latest`` (None when there is no complete checkpoint)."""
+    """The newest complete checkpoint: the tag named by ``ckpt_dir/latest``, or, when that file is missing
+    or names a folder that is gone, the newest tag whose rank-0 RNG file (written after the engine state)
+    exists. None when there is none."""
     f = ckpt_dir / "latest"
-    if not f.is_file():
-        return None
-    tag = f.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+    if f.is_file():
+        tag = f.read_text().strip()
+        if (ckpt_dir / tag).is_dir():
+            return tag
+    complete = [t for t in list_tags(ckpt_dir) if (ckpt_dir / t / "rng_rank0.pt").is_file()]
+    if complete:
+        log.warning("%s names no complete checkpoint; using the newest complete one, %s", f, complete[-1])
+        return complete[-1]
+    return None
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, rank: int) -> Path:
-    """Save a checkpoint at ``step`` (collective: every rank calls it), then prune old tags on rank 0."""
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, rank: int, run_config: dict) -> Path:
+    """Save a checkpoint at ``step`` (collective: every rank calls it), then prune on rank 0: the new tag and
+    the ``keep - 1`` newest earlier ones stay (tags of later steps, from another run, are never touched)."""
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        (ckpt_dir / tag / "run_config.json").write_text(json.dumps(run_config, indent=2))
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         tmp.replace(ckpt_dir / "latest")  # atomic: the new tag counts only once it is complete
         if keep > 0:
-            for old in list_tags(ckpt_dir)[:-keep]:
+            older = [t for t in list_tags(ckpt_dir) if step_of(t) < step]
+            for old in older[: max(0, len(older) - (keep - 1))]:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        log.info("saved checkpoint %s", ckpt_dir / tag)
     if dist.is_initialized():
         dist.barrier()
-    log.info("saved checkpoint %s", ckpt_dir / tag)
     return ckpt_dir / tag
 
 
@@ -90,6 +106,11 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         ValueError: ``resume`` is a path without a checkpoint.
     """
     if resume == "none":
+        if latest_tag(ckpt_dir):
+            raise ValueError(
+                f"resume=none but {ckpt_dir} already holds checkpoints (newest {latest_tag(ckpt_dir)}): use "
+                "resume=auto to continue them, or another hydra.run.dir / checkpoint.dir to start fresh"
+            )
         return None
     if resume == "auto":
         tag = latest_tag(ckpt_dir)
@@ -100,6 +121,39 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     if p.is_dir() and TAG_RE.match(p.name):
         return p.parent, p.name
     raise ValueError(f"resume={resume!r} is neither auto, none, nor a checkpoint directory")
+
+
+# Settings a resumed run must share with its checkpoint (the model's shape and the data order).
+RESUME_KEYS = [
+    "model.name_or_path", "model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads",
+    "model.num_kv_heads", "model.tie_embeddings", "data.path", "data.tokenizer", "data.vocab_size", "data.seq_len",
+    "data.packing", "train.micro_batch_size", "seed", "world_size", "parallel.sp_size",
+]
+
+
+def _get(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def check_resume_compatible(ckpt_dir: Path, tag: str, run_config: dict) -> None:
+    """Compare this run's settings with those saved beside the checkpoint (``run_config.json``).
+
+    Raises:
+        ValueError: naming every setting that differs, with both values.
+    """
+    f = ckpt_dir / tag / "run_config.json"
+    if not f.is_file():
+        return
+    saved = json.loads(f.read_text())
+    diff = [f"{k}={_get(saved, k)!r} there, {_get(run_config, k)!r} now" for k in RESUME_KEYS
+            if _get(saved, k) != _get(run_config, k)]
+    if diff:
+        raise ValueError(
+            f"cannot resume from {ckpt_dir / tag}: " + "; ".join(diff)
+            + ". Use the same settings, or another hydra.run.dir (or resume=none there) to start fresh"
+        )
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:

@@ -232,6 +232,9 @@ class RunConfig:
             for key, n in (("model.num_heads", heads), ("model.num_kv_heads", kv_heads)):
                 if n % sp:
                     raise ValueError(f"{key}={n} must be divisible by parallel.sp_size={sp}")
+            f = self.moba.full_attn_layers
+            if isinstance(f, int) and f > layers:
+                raise ValueError(f"moba.full_attn_layers={f} asks for more full layers than the model's {layers}")
             if uses_moba:
                 self.moba.to_moba_config().moba_layers(layers)  # raises on an index outside the model
 

@@ -94,6 +94,7 @@ def evaluate(engine, val_loader, info: DistInfo, batches: int) -> float:
     """Mean validation loss per valid token over ``batches`` micro-batches per rank (all ranks)."""
     engine.eval()
     tot, n = 0.0, 0.0
+    val_loader.sampler.load_state_dict({"consumed_samples": 0})  # the same batches at every evaluation
     it = iter(val_loader)
     with torch.no_grad():
         for _ in range(batches):
@@ -110,11 +111,16 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     """Train one stage as configured; returns the final metrics. Every check runs before GPU work."""
     import deepspeed
 
-    from data import build_data, build_dataloader
+    from data import build_data, build_dataloader, tokenizer_in
 
     # Every rank checks the same things before any collective or GPU work: an error on one rank only
     # would leave the others waiting in an all-to-all.
     cfg.check(world_size=world_from_env()[1], shape=model_shape(cfg.model))
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
+    run_config = {**config_dict, "world_size": world_from_env()[1]}
+    if resume is not None:
+        ckpt.check_resume_compatible(resume[0], resume[1], run_config)
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
     mpu = sp_group = None
     if info.sp_size > 1:
@@ -122,15 +128,12 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         sp_group = mpu.get_sequence_parallel_group()
     seed_everything(cfg.seed + info.dp_rank)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
-    if info.is_main:
-        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
 
     # Data: rank 0 builds the caches first, the others then read them.
     d = cfg.data
-    data_kwargs = dict(path=d.path, tokenizer=d.tokenizer, vocab_size=d.vocab_size, seq_len=d.seq_len,
-                       packing=d.packing, cache_dir=d.cache_dir)
+    # Continuing from a model directory uses the tokenizer saved there unless data.tokenizer says otherwise.
+    data_kwargs = dict(path=d.path, tokenizer=d.tokenizer or tokenizer_in(cfg.model.name_or_path),
+                       vocab_size=d.vocab_size, seq_len=d.seq_len, packing=d.packing, cache_dir=d.cache_dir)
     if not info.is_main:
         dist.barrier()
     train_ds, tokenizer = build_data(split="train", **data_kwargs)
@@ -177,6 +180,9 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             log.info("resumed from %s at step %d (%d tokens seen)", resume[0] / resume[1], step, tokens)
     elif info.is_main:
         log.info("starting from scratch (no checkpoint in %s)", ckpt_dir)
+    if info.is_main:
+        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    start_step, eval_step = step, None
 
     metrics = MetricsLogger(run_dir, step, cfg.logging.wandb, config_dict, cfg.train.max_steps,
                             cfg.logging.progress_bar, enabled=info.is_main)
@@ -188,12 +194,14 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     last = {}
     if resume is None:  # the starting point of the stage, to compare the end against
         metrics.log_eval(0, evaluate(engine, val_loader, info, cfg.train.eval_batches))
+        eval_step = 0
 
     def client_state() -> dict:
         return {"step": step, "tokens": tokens, "sampler": train_loader.sampler.state_dict()}
 
     pre_clip_norm = None
     while step < cfg.train.max_steps:
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         active = moba_active(cfg.schedule.name, step, cfg.train.max_steps, cfg.schedule.switch_fraction)
         n_moba = set_moba_layers(lm, moba_layer_ids if active else [])
         t0 = time.perf_counter()
@@ -230,7 +238,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                 "step": step,
                 "loss": loss_sum / max(n_valid, 1.0),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "tokens": tokens,
                 "tokens_per_s": n_tok / dt,
                 "mfu": flops / dt / (peak * info.world_size) if peak else None,
@@ -240,22 +248,29 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             metrics.log(last)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
             metrics.log_eval(step, evaluate(engine, val_loader, info, cfg.train.eval_batches))
+            eval_step = step
         if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
-            ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank)
+            ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank, run_config)
 
-    if resume is not None and step == int(resume[1].split("_")[1]) and info.is_main:
-        log.info("already at train.max_steps=%d; nothing to train", cfg.train.max_steps)
-    val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
-    metrics.log_eval(step, val_loss)
+    if step == start_step:
+        if info.is_main:
+            log.info("the checkpoint is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps "
+                     "to continue)", step, cfg.train.max_steps)
+        metrics.close()
+        return {**last, "step": step}
+    val_loss = None
+    if eval_step != step:
+        val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
+        metrics.log_eval(step, val_loss)
     if cfg.checkpoint.export_hf:
-        export_hf(engine, lm, run_dir / "hf", info, cfg.parallel.zero_stage)
+        export_hf(engine, lm, tokenizer, run_dir / "hf", info, cfg.parallel.zero_stage)
     metrics.close()
     return {**last, "val_loss": val_loss, "step": step}
 
 
-def export_hf(engine, lm, out_dir: Path, info: DistInfo, zero_stage: int) -> None:
-    """Write the model as an HF checkpoint (config + safetensors) that ``model.name_or_path`` can load.
-    Collective under ZeRO-3 (parameters are gathered); rank 0 writes."""
+def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: int) -> None:
+    """Write the model as an HF checkpoint (config + safetensors, and the tokenizer) that
+    ``model.name_or_path`` can load. Collective under ZeRO-3 (parameters are gathered); rank 0 writes."""
     import deepspeed
 
     params = list(lm.parameters())
@@ -266,6 +281,7 @@ def export_hf(engine, lm, out_dir: Path, info: DistInfo, zero_stage: int) -> Non
             lm.config._attn_implementation = "sdpa"  # the saved model loads without moba_core registered
             lm.save_pretrained(out_dir, safe_serialization=True)
             lm.config._attn_implementation = attn
+            tokenizer.save(out_dir)
             log.info("exported HF checkpoint to %s", out_dir)
     if dist.is_initialized():
         dist.barrier()

@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 class MetricsLogger:
     """Writes one JSON object per logged step to ``<run dir>/metrics.jsonl`` and to wandb.
 
-    On resume, lines of steps after the resumed step (written by the run that died) are dropped, so the
-    file holds each step once. wandb runs offline by default and resumes the same run id.
+    On resume, lines of steps after the resumed step (written by the run that died) are dropped from
+    ``metrics.jsonl`` and ``eval.jsonl``, so each file holds each step once. wandb runs offline by default
+    and resumes the same run id.
     """
 
     def __init__(self, run_dir: Path, resumed_step: int, wandb_cfg, config_dict: dict, max_steps: int,
@@ -26,9 +27,11 @@ class MetricsLogger:
         self.wandb = None
         if not enabled:
             return
-        if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.eval_path = run_dir / "eval.jsonl"
+        for path in (self.path, self.eval_path):  # drop what a killed run wrote after its last checkpoint
+            if path.exists():
+                keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
+                path.write_text("".join(ln + "\n" for ln in keep))
         self.file = self.path.open("a")
         if wandb_cfg.mode != "disabled":
             import wandb
@@ -74,7 +77,7 @@ class MetricsLogger:
         log.info("eval step %d | val_loss %.4f", step, val_loss)
         if self.wandb is not None:
             self.wandb.log({"val_loss": val_loss}, step=step)
-        with (self.path.parent / "eval.jsonl").open("a") as f:
+        with self.eval_path.open("a") as f:
             f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import data.tokenizer
-from data import build_data, corpus_fingerprint, load_tokenizer
+from data import build_data, corpus_fingerprint, load_tokenizer, tokenizer_in
 
 TRICKY = [
     "",
@@ -111,3 +111,18 @@ def test_corpus_fingerprint_is_part_of_the_model_key(tmp_path):
     assert corpus_fingerprint(tmp_path) != before
     build_data(tmp_path, vocab_size=512, seq_len=8, cache_dir=tmp_path / ".cache")
     assert len(list((tmp_path / ".cache" / "tokenizer").iterdir())) == 2
+
+
+def test_saved_tokenizers_are_found_in_a_model_dir(build_tiny, tiny_corpus, tmp_path, hf_tokenizer_dir):
+    """`Tokenizer.save` into an exported model dir, `tokenizer_in` finds it, and it loads as the same vocab."""
+    assert tokenizer_in(tmp_path / "nothing") is None and tokenizer_in(None) is None
+    _, trained = build_tiny()
+    spm_dir = tmp_path / "spm_model"
+    trained.save(spm_dir)
+    spec = tokenizer_in(spm_dir)
+    assert spec == str(spm_dir / "tokenizer.model")
+    assert load_tokenizer(spec, corpus_id="x", train_texts=None, cache_dir=tmp_path).fingerprint == trained.fingerprint
+    hf = load_tokenizer(hf_tokenizer_dir, corpus_id="x", train_texts=None, cache_dir=tmp_path)
+    hf.save(tmp_path / "hf_model")
+    again = load_tokenizer(tokenizer_in(tmp_path / "hf_model"), corpus_id="x", train_texts=None, cache_dir=tmp_path)
+    assert again.encode("return self.value") == hf.encode("return self.value")

@@ -1,5 +1,7 @@
 """``python -m train`` end to end on the embedded corpus: logs, checkpoints, exact resume, bad settings."""
 
+import json
+
 import pytest
 
 from .conftest import read_metrics, run_train
@@ -27,6 +29,10 @@ def test_train_then_resume_matches_uninterrupted_run(tmp_path, data_cache):
     assert a[-1]["moba_layers"] == 2 and a[-1]["tokens"] == 4 * 2 * 2 * 256
     assert a[-1]["loss"] < a[0]["loss"]
     assert (split / "checkpoints" / "latest").read_text() == "step_00000004"
+    # Every evaluation reads the same validation batches, so the resumed run's final val_loss is the same.
+    val = [[json.loads(x) for x in (d / "eval.jsonl").read_text().splitlines()] for d in (straight, split)]
+    assert [e["step"] for e in val[0]] == [0, 4] and [e["step"] for e in val[1]] == [0, 2, 4]
+    assert val[1][-1]["val_loss"] == pytest.approx(val[0][-1]["val_loss"], rel=1e-6)
     assert (split / "checkpoints" / "step_00000004").is_dir()
 
 
@@ -51,6 +57,8 @@ def test_full_schedule_and_hf_export_then_continue(tmp_path, data_cache):
         pytest.param("data.seq_len=16", "data.seq_len=16 is smaller than moba.block_size=32", id="seq-lt-block"),
         pytest.param("parallel.zero_stage=5", "parallel.zero_stage=5", id="zero5"),
         pytest.param("moba.bloc_size=64", "bloc_size", id="typo"),
+        pytest.param("moba.full_attn_layers=5", "moba.full_attn_layers=5 asks for more full layers", id="full-n"),
+        pytest.param("moba.full_attn_layers=[7]", "moba.full_attn_layers contains 7", id="full-index"),
     ],
 )
 def test_bad_setting_fails_before_training(tmp_path, data_cache, override, message):
@@ -58,3 +66,28 @@ def test_bad_setting_fails_before_training(tmp_path, data_cache, override, messa
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_resume_none_refuses_to_overwrite_and_changed_settings_are_named(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    run_train(["train.max_steps=2", "checkpoint.every=1", "train.eval_every=1"], run_dir, data_cache)
+    proc = run_train(["train.max_steps=3", "resume=none"], run_dir, data_cache, check=False)
+    assert proc.returncode != 0 and "resume=none but" in proc.stdout + proc.stderr
+    proc = run_train(["train.max_steps=3", "data.seq_len=512"], run_dir, data_cache, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "data.seq_len=256 there, 512 now" in out
+    # A failed resume adds no eval lines; every step is evaluated once (eval_every=1, no repeated final eval).
+    evals = [line for line in (run_dir / "eval.jsonl").read_text().splitlines() if line]
+    assert [json.loads(e)["step"] for e in evals] == [0, 1, 2]
+
+
+def test_latest_pointing_nowhere_falls_back_and_pruning_keeps_the_new_tag(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    run_train(["train.max_steps=3", "checkpoint.every=1", "checkpoint.keep=2"], run_dir, data_cache)
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
+    (ckpts / "latest").write_text("step_00000099")  # as if the last save had been cut off
+    proc = run_train(["train.max_steps=4", "checkpoint.every=1", "checkpoint.keep=2"], run_dir, data_cache)
+    assert "at step 3" in proc.stdout + proc.stderr
+    assert (ckpts / "latest").read_text() == "step_00000004" and (ckpts / "step_00000004").is_dir()
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
