@@ -182,7 +182,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         log.info("starting from scratch (no checkpoint in %s)", ckpt_dir)
     if info.is_main:
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
-    start_step, eval_step = step, None
+    start_step, eval_step, val_loss = step, None, None
 
     metrics = MetricsLogger(run_dir, step, cfg.logging.wandb, config_dict, cfg.train.max_steps,
                             cfg.logging.progress_bar, enabled=info.is_main)
@@ -247,22 +247,20 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             }
             metrics.log(last)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            metrics.log_eval(step, evaluate(engine, val_loader, info, cfg.train.eval_batches))
+            val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
+            metrics.log_eval(step, val_loss)
             eval_step = step
         if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank, run_config)
 
-    if step == start_step:
-        if info.is_main:
-            log.info("the checkpoint is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps "
-                     "to continue)", step, cfg.train.max_steps)
-        metrics.close()
-        return {**last, "step": step}
-    val_loss = None
-    if eval_step != step:
+    if step == start_step and info.is_main:
+        log.info("the checkpoint is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps "
+                 "to continue)", step, cfg.train.max_steps)
+    if eval_step != step and step > start_step:
         val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
         metrics.log_eval(step, val_loss)
-    if cfg.checkpoint.export_hf:
+    # A run killed after its last checkpoint but before the export gets it on the next launch.
+    if cfg.checkpoint.export_hf and (step > start_step or not (run_dir / "hf" / "config.json").exists()):
         export_hf(engine, lm, tokenizer, run_dir / "hf", info, cfg.parallel.zero_stage)
     metrics.close()
     return {**last, "val_loss": val_loss, "step": step}
