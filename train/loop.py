@@ -22,6 +22,7 @@ from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
 from .metrics import MetricsLogger
 from .model import PackedCausalLM, attended_keys, build_model, count_params, model_shape, peak_flops, step_flops
+from .preemption import PreemptionFlag
 from .sequence_parallel import group_sum, init_sp_groups, shard_batch, sp_attention
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         return {"step": step, "tokens": tokens, "sampler": train_loader.sampler.state_dict()}
 
     pre_clip_norm = None
+    preempt = PreemptionFlag()
     while step < cfg.train.max_steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         active = moba_active(cfg.schedule.name, step, cfg.train.max_steps, cfg.schedule.switch_fraction)
@@ -250,8 +252,16 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
             metrics.log_eval(step, val_loss)
             eval_step = step
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+        stop = preempt.requested(info.device)
+        if stop or step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank, run_config)
+        if stop:
+            if info.is_main:
+                log.warning("stopped by a signal at step %d; checkpoint saved; run again to resume", step)
+            preempt.restore()
+            metrics.close()
+            return {**last, "step": step, "preempted": True}
+    preempt.restore()
 
     if step == start_step and info.is_main:
         log.info("the checkpoint is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps "

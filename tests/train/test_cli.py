@@ -91,3 +91,33 @@ def test_latest_pointing_nowhere_falls_back_and_pruning_keeps_the_new_tag(tmp_pa
     assert "at step 3" in proc.stdout + proc.stderr
     assert (ckpts / "latest").read_text() == "step_00000004" and (ckpts / "step_00000004").is_dir()
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, data_cache):
+    """A pre-empted run (SIGTERM, as SLURM sends) checkpoints the step it reached and resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO, SMALL
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "MOBA_CACHE": str(data_cache), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "train", *SMALL, f"hydra.run.dir={run_dir}", "train.max_steps=500",
+           "checkpoint.every=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    steps = [m["step"] for m in read_metrics(run_dir)]
+    assert 3 <= steps[-1] < 500 and "stopped by a signal" in out
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{steps[-1]:08d}"
+    proc2 = run_train([f"train.max_steps={steps[-1] + 1}", "checkpoint.every=1000"], run_dir, data_cache)
+    assert f"at step {steps[-1]}" in proc2.stdout + proc2.stderr
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, steps[-1] + 2))

@@ -1,0 +1,43 @@
+"""Save-and-exit on SIGTERM / SIGUSR1: what SLURM (``--signal``, pre-emption, time limit), Kubernetes and
+torchrun send before they kill a job. The handler only sets a flag; the loop checks it after each optimizer
+step (all ranks agree through one all-reduce), writes a checkpoint and returns, so the next launch with
+``resume=auto`` continues from that exact step instead of the last periodic checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1; ``requested(device)`` is collective (every rank must call it)."""
+
+    def __init__(self):
+        self.hit = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.hit:
+            log.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
+        self.hit = True
+
+    def requested(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.hit else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
