@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
     from .loop import run
 
     result = run(run_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
-    return result.get("val_loss")
+    return result.get("val_loss")  # what a Hydra sweeper would optimise
 
 
 if __name__ == "__main__":

@@ -91,21 +91,23 @@ def unsharded_grad_norm(engine, zero_stage: int) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
 
 
-def evaluate(engine, val_loader, info: DistInfo, batches: int) -> float:
-    """Mean validation loss per valid token over ``batches`` micro-batches per rank (all ranks)."""
+def evaluate(engine, val_loader, info: DistInfo, batches: int, tail_from: int) -> dict:
+    """Validation loss per valid token over the same ``batches`` micro-batches per rank every time (all
+    ranks), and the trailing loss: tokens at document position >= ``tail_from``. Returns
+    ``{"val_loss", "val_loss_tail"}`` (the tail is None when no document reaches ``tail_from``)."""
     engine.eval()
-    tot, n = 0.0, 0.0
+    sums = [0.0, 0.0, 0.0, 0.0]
     val_loader.sampler.load_state_dict({"consumed_samples": 0})  # the same batches at every evaluation
     it = iter(val_loader)
     with torch.no_grad():
         for _ in range(batches):
             b = to_device(shard_batch(next(it), info.sp_rank, info.sp_size), info.device)
-            loss_sum, n_valid = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
-            tot += float(loss_sum)
-            n += float(n_valid)
+            out = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"],
+                         tail_from=tail_from)
+            sums = [a + float(x) for a, x in zip(sums, out)]
     engine.train()
-    tot, n = _all_reduce_sum([tot, n], info.device)
-    return tot / max(n, 1.0)
+    tot, n, tail, n_tail = _all_reduce_sum(sums, info.device)
+    return {"val_loss": tot / max(n, 1.0), "val_loss_tail": tail / n_tail if n_tail else None}
 
 
 def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
@@ -183,7 +185,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         log.info("starting from scratch (no checkpoint in %s)", ckpt_dir)
     if info.is_main:
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
-    start_step, eval_step, val_loss = step, None, None
+    start_step, eval_step, val = step, None, {}
+    tail_from = cfg.data.seq_len // 2  # trailing loss: the second half of (long enough) documents
 
     metrics = MetricsLogger(run_dir, step, cfg.logging.wandb, config_dict, cfg.train.max_steps,
                             cfg.logging.progress_bar, enabled=info.is_main)
@@ -194,7 +197,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     train_iter = iter(train_loader)
     last = {}
     if resume is None:  # the starting point of the stage, to compare the end against
-        metrics.log_eval(0, evaluate(engine, val_loader, info, cfg.train.eval_batches))
+        metrics.log_eval(0, evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from))
         eval_step = 0
 
     def client_state() -> dict:
@@ -249,8 +252,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             }
             metrics.log(last)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
-            metrics.log_eval(step, val_loss)
+            val = evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from)
+            metrics.log_eval(step, val)
             eval_step = step
         stop = preempt.requested(info.device)
         if stop or step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
@@ -267,13 +270,13 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         log.info("the checkpoint is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps "
                  "to continue)", step, cfg.train.max_steps)
     if eval_step != step and step > start_step:
-        val_loss = evaluate(engine, val_loader, info, cfg.train.eval_batches)
-        metrics.log_eval(step, val_loss)
+        val = evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from)
+        metrics.log_eval(step, val)
     # A run killed after its last checkpoint but before the export gets it on the next launch.
     if cfg.checkpoint.export_hf and (step > start_step or not (run_dir / "hf" / "config.json").exists()):
         export_hf(engine, lm, tokenizer, run_dir / "hf", info, cfg.parallel.zero_stage)
     metrics.close()
-    return {**last, "val_loss": val_loss, "step": step}
+    return {**last, **val, "step": step}
 
 
 def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: int) -> None:

@@ -71,14 +71,17 @@ class MetricsLogger:
                     parts.append(f"{key} {format(metrics[key], fmt)}")
             log.info(" | ".join(parts))
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, val: dict) -> None:
+        """One line of ``eval.jsonl``: ``step``, ``val_loss``, ``val_loss_tail`` (see ``train.loop.evaluate``)."""
         if not self.enabled:
             return
-        log.info("eval step %d | val_loss %.4f", step, val_loss)
+        tail = val.get("val_loss_tail")
+        log.info("eval step %d | val_loss %.4f | val_loss_tail %s", step, val["val_loss"],
+                 f"{tail:.4f}" if tail is not None else "n/a")
         if self.wandb is not None:
-            self.wandb.log({"val_loss": val_loss}, step=step)
+            self.wandb.log({k: v for k, v in val.items() if v is not None}, step=step)
         with self.eval_path.open("a") as f:
-            f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+            f.write(json.dumps({"step": step, **val}) + "\n")
 
     def close(self) -> None:
         if not self.enabled:

@@ -119,8 +119,10 @@ class PackedCausalLM(nn.Module):
     """Wraps an HF causal LM: packed micro-batch in, (sum of token losses, valid label count) out.
 
     forward(input_ids (1, T), labels (1, T), position_ids (1, T), cu_seqlens int32 (docs+1,), max_seqlen)
-    -> (loss_sum fp32 0-dim, n_valid int64 0-dim). Documents are kept apart by passing ``cu_seqlens`` to
-    every attention layer as the flash-attention keyword arguments.
+    -> (loss_sum fp32 0-dim, n_valid int64 0-dim); with ``tail_from=P`` also the loss sum and count of the
+    tokens at document position >= P (the trailing-token loss the MoBA paper tracks, Sec. 3.1).
+    Documents are kept apart by passing ``cu_seqlens`` to every attention layer as the flash-attention
+    keyword arguments.
     """
 
     def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 4096):
@@ -128,7 +130,7 @@ class PackedCausalLM(nn.Module):
         self.lm = lm
         self.loss_chunk_tokens = loss_chunk_tokens
 
-    def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen: int):
+    def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen: int, tail_from: int | None = None):
         out = self.lm.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -142,7 +144,11 @@ class PackedCausalLM(nn.Module):
         labels = labels.reshape(-1)
         weight = self.lm.get_output_embeddings().weight
         loss_sum = chunked_cross_entropy(hidden, weight, labels, self.loss_chunk_tokens)
-        return loss_sum, (labels != IGNORE_INDEX).sum()
+        if tail_from is None:
+            return loss_sum, (labels != IGNORE_INDEX).sum()
+        tail = labels.masked_fill(position_ids.reshape(-1) < tail_from, IGNORE_INDEX)
+        tail_sum = chunked_cross_entropy(hidden, weight, tail, self.loss_chunk_tokens)
+        return loss_sum, (labels != IGNORE_INDEX).sum(), tail_sum, (tail != IGNORE_INDEX).sum()
 
 
 def attended_keys(cu_seqlens: torch.Tensor, block_size: int | None, top_k: int) -> int:

@@ -30,3 +30,28 @@ def test_attended_keys_hand_worked():
     # 4 sees 1 + 2. The 3-token doc: 1, 2, then 1 + 2.
     assert attended_keys(cu, 2, 2) == (1 + 2 + 3 + 4 + 3) + (1 + 2 + 3)
     assert attended_keys(cu, 2, 1) == (1 + 2 + 1 + 2 + 1) + (1 + 2 + 1)
+
+
+def test_packed_lm_trailing_loss_counts_only_late_document_positions():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moba_core import MoBAConfig
+    from moba_core.hf import apply_moba
+    from train.model import PackedCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)).eval()
+    apply_moba(lm, MoBAConfig(block_size=16, top_k=2))
+    model = PackedCausalLM(lm, loss_chunk_tokens=7)
+    ids = torch.randint(0, 50, (1, 40))
+    pos = torch.cat([torch.arange(30), torch.arange(10)])[None]
+    labels = torch.cat([ids[0, 1:30], torch.tensor([-100]), ids[0, 31:40], torch.tensor([-100])])[None]
+    cu = torch.tensor([0, 30, 40], dtype=torch.int32)
+    with torch.no_grad():
+        total, n, tail, n_tail = model(ids, labels, pos, cu, 30, tail_from=20)
+        logits = torch.cat([lm(ids[:, :30]).logits[0], lm(ids[:, 30:]).logits[0]])
+    per_token = F.cross_entropy(logits, labels[0], ignore_index=-100, reduction="none")
+    assert int(n) == 38 and int(n_tail) == 9  # positions 20..28 of the first document have labels
+    torch.testing.assert_close(total, per_token.sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tail, per_token[20:29].sum(), rtol=1e-5, atol=1e-5)
