@@ -33,6 +33,10 @@ def deepspeed_config(cfg: RunConfig, info: DistInfo) -> dict:
     zero = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": info.device.type == "cuda"}
+        # Our torch AdamW then steps the CPU-resident states (DeepSpeedCPUAdam would need a JIT C++ build).
+        ds_extra = {"zero_force_ds_cpu_optimizer": False}
+    else:
+        ds_extra = {}
     if cfg.parallel.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     ds = {
@@ -45,6 +49,7 @@ def deepspeed_config(cfg: RunConfig, info: DistInfo) -> dict:
         "wall_clock_breakdown": False,
         "bf16": {"enabled": info.device.type == "cuda"},
         "zero_allow_untested_optimizer": True,
+        **ds_extra,
     }
     if info.sp_size > 1:
         ds["sequence_parallel_size"] = info.sp_size

@@ -121,3 +121,12 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path, data_cache):
     proc2 = run_train([f"train.max_steps={steps[-1] + 1}", "checkpoint.every=1000"], run_dir, data_cache)
     assert f"at step {steps[-1]}" in proc2.stdout + proc2.stderr
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, steps[-1] + 2))
+
+
+def test_optimizer_offload_matches_zero2(tmp_path, data_cache):
+    """ZeRO-2 with the optimizer states offloaded to CPU memory gives the same losses as without."""
+    common = ["train.max_steps=3", "parallel.zero_stage=2"]
+    run_train(common, tmp_path / "z2", data_cache)
+    run_train([*common, "parallel.offload_optimizer=true"], tmp_path / "off", data_cache)
+    a, b = read_metrics(tmp_path / "z2"), read_metrics(tmp_path / "off")
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-5)
