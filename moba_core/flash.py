@@ -198,7 +198,6 @@ def varlen_causal_attention(
         block_len=lens[lens > 0],
         doc_block_offset=torch.empty(0),
         token_block=torch.empty(0),
-        token_local_block=torch.empty(0),
         token_doc=torch.empty(0),
         max_blocks_per_doc=1,
     )

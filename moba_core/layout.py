@@ -76,8 +76,6 @@ class BlockLayout:
         block_len: int64 (N,) tokens in each block (``block_size`` except a document's last block).
         doc_block_offset: int64 (num_docs + 1,) first block of each document (cumulative count).
         token_block: int64 (T,) global block of each token.
-        token_local_block: int64 (T,) block index of each token inside its own document; it is also
-            the number of earlier (candidate) blocks the token may route to.
         token_doc: int64 (T,) document of each token.
         max_blocks_per_doc: the largest number of blocks in one document (host int).
     """
@@ -87,7 +85,6 @@ class BlockLayout:
     block_len: torch.Tensor
     doc_block_offset: torch.Tensor
     token_block: torch.Tensor
-    token_local_block: torch.Tensor
     token_doc: torch.Tensor
     max_blocks_per_doc: int
 
@@ -119,8 +116,7 @@ def block_layout(cu_seqlens: torch.Tensor, block_size: int) -> BlockLayout:
     cu_blocks[1:] = block_end.to(torch.int32)
     token_doc = torch.repeat_interleave(torch.arange(lens.numel(), device=device), lens, output_size=total)
     pos = torch.arange(total, device=device) - cu[token_doc]
-    token_local_block = pos // block_size
-    token_block = doc_block_offset[token_doc] + token_local_block
+    token_block = doc_block_offset[token_doc] + pos // block_size
     max_blocks = int(n_doc_blocks.max()) if n_doc_blocks.numel() else 0
     return BlockLayout(
         cu_blocks=cu_blocks,
@@ -128,7 +124,6 @@ def block_layout(cu_seqlens: torch.Tensor, block_size: int) -> BlockLayout:
         block_len=block_len,
         doc_block_offset=doc_block_offset,
         token_block=token_block,
-        token_local_block=token_local_block,
         token_doc=token_doc,
         max_blocks_per_doc=max_blocks,
     )

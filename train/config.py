@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from moba_core import MoBAConfig
-from moba_core.schedule import check_schedule
+from moba_core.schedule import check_schedule, uses_moba
 
 
 @dataclass
@@ -216,8 +216,8 @@ class RunConfig:
         Raises:
             ValueError: naming the settings and values that disagree.
         """
-        uses_moba = self.schedule.name != "full"
-        if uses_moba and self.data.seq_len < self.moba.block_size:
+        moba_runs = uses_moba(self.schedule.name)
+        if moba_runs and self.data.seq_len < self.moba.block_size:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is smaller than moba.block_size={self.moba.block_size}: "
                 "MoBA needs at least one block per sequence"
@@ -235,7 +235,7 @@ class RunConfig:
             f = self.moba.full_attn_layers
             if isinstance(f, int) and f > layers:
                 raise ValueError(f"moba.full_attn_layers={f} asks for more full layers than the model's {layers}")
-            if uses_moba:
+            if moba_runs:
                 self.moba.to_moba_config().moba_layers(layers)  # raises on an index outside the model
 
 
