@@ -8,20 +8,32 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RunConfig, register_configs
+from .config import RunConfig, check_known_keys, from_checkpoint_unless_overridden, register_configs
 
 register_configs()
 log = logging.getLogger("train")
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Typed config (dataclass checks run here, before any data, model or GPU work)."""
+def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> RunConfig:
+    """Typed config (dataclass checks run here, before any data, model or GPU work).
+
+    Args:
+        cfg: the composed config. Keys the schema does not have (``+moba.blocksize=64``) are refused.
+        overrides: the command-line overrides; when given, the model fields a checkpoint carries and the
+            command line does not set become None in ``cfg`` (``from_checkpoint_unless_overridden``).
+    Raises:
+        ValueError: naming the setting and value that are wrong.
+    """
+    check_known_keys(cfg)
+    if overrides is not None:
+        from_checkpoint_unless_overridden(cfg, overrides)
     try:
         return OmegaConf.to_object(cfg)
     except ValueError:
@@ -35,7 +47,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    run_cfg = to_run_config(cfg)
+    run_cfg = to_run_config(cfg, list(HydraConfig.get().overrides.task))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     from .loop import run
 

@@ -8,10 +8,13 @@ raise ``ValueError`` naming the override to change, before any model, data or GP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from moba_core import MoBAConfig
 from moba_core.schedule import check_schedule, uses_moba
@@ -19,22 +22,36 @@ from moba_core.schedule import check_schedule, uses_moba
 
 @dataclass
 class ModelConfig:
+    """The model. With ``name_or_path`` set, the fields a checkpoint carries (``CHECKPOINT_FIELDS``) are
+    None unless given on the command line (``from_checkpoint_unless_overridden``): None = the checkpoint's
+    value. An explicit shape field must then equal the checkpoint's; ``rope_theta`` and
+    ``max_position_embeddings`` replace the checkpoint's."""
+
     name: str = "tiny"  # label of the architecture preset (configs/model/<name>.yaml)
     name_or_path: str | None = None  # HF checkpoint dir to continue from; None = fresh init from the fields below
-    hidden_size: int = 256  # width of the residual stream
-    intermediate_size: int = 688  # MLP width
-    num_layers: int = 4  # decoder layers
-    num_heads: int = 4  # query heads
-    num_kv_heads: int = 2  # key/value heads (GQA when < num_heads)
+    hidden_size: int | None = 256  # width of the residual stream
+    intermediate_size: int | None = 688  # MLP width
+    num_layers: int | None = 4  # decoder layers
+    num_heads: int | None = 4  # query heads
+    num_kv_heads: int | None = 2  # key/value heads (GQA when < num_heads)
     rope_theta: float | None = None  # RoPE base; None = 10000 for a fresh model, the checkpoint's value otherwise
-    max_position_embeddings: int = 131072  # largest position the model is configured for (tokens)
-    tie_embeddings: bool = True  # share input embedding and LM head weights
+    max_position_embeddings: int | None = 131072  # largest position the model is configured for (tokens)
+    tie_embeddings: bool | None = True  # share input embedding and LM head weights
     init_std: float = 0.02  # std of the normal init of fresh weights
 
     def __post_init__(self):
-        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            if getattr(self, key) < 1:
+        for key in SHAPE_FIELDS + ("max_position_embeddings", "tie_embeddings"):
+            if getattr(self, key) is None and not self.name_or_path:
+                raise ValueError(f"model.{key}=None needs model.name_or_path (a fresh model needs a value)")
+        for key in SHAPE_FIELDS + ("max_position_embeddings",):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
+        if self.rope_theta is not None and self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta={self.rope_theta} must be > 0")
+        if self.init_std <= 0:
+            raise ValueError(f"model.init_std={self.init_std} must be > 0")
+        if None in (self.num_heads, self.num_kv_heads, self.hidden_size):
+            return  # the checkpoint's own shape (checked against any explicit field when it is loaded)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
@@ -43,6 +60,11 @@ class ModelConfig:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads}"
             )
+
+
+# Fields of ModelConfig that fix the shape of the weights, and every field an HF checkpoint carries.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+CHECKPOINT_FIELDS = SHAPE_FIELDS + ("rope_theta", "max_position_embeddings", "tie_embeddings")
 
 
 @dataclass
@@ -121,6 +143,14 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optim.{key}={getattr(self, key)} must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"optim.{key}={getattr(self, key)} must lie in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps} must be > 0")
 
 
 @dataclass
@@ -131,13 +161,15 @@ class TrainLoopConfig:
     activation_checkpointing: bool = False  # recompute decoder layers in backward
     log_every: int = 1  # optimizer steps between metric lines
     eval_every: int = 0  # optimizer steps between validation passes; 0 = only at the end
-    eval_batches: int = 4  # validation micro-batches per pass
+    eval_batches: int = 4  # validation micro-batches per pass (per data-parallel rank); >= 1
     loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked cross-entropy
 
     def __post_init__(self):
-        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "loss_chunk_tokens"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "loss_chunk_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0 = evaluate only at the end)")
 
 
 @dataclass
@@ -205,6 +237,8 @@ class RunConfig:
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r} must be auto, cpu or cuda")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed} must lie in [0, 2**32) (numpy's seed range)")
 
     def check(self, world_size: int = 1, shape: tuple[int, int, int] | None = None) -> None:
         """Cross-field checks; run on every rank before any collective or GPU work.
@@ -237,6 +271,51 @@ class RunConfig:
                 raise ValueError(f"moba.full_attn_layers={f} asks for more full layers than the model's {layers}")
             if moba_runs:
                 self.moba.to_moba_config().moba_layers(layers)  # raises on an index outside the model
+
+
+def check_known_keys(cfg: DictConfig | dict, schema: type = RunConfig, prefix: str = "") -> None:
+    """Refuse keys the schema does not have. Hydra's ``+key=value`` (the form it suggests after a typo)
+    adds a key even to a typed config, and ``OmegaConf.to_object`` would keep it as an ignored attribute.
+
+    Raises:
+        ValueError: naming the unknown key, the closest known one and the group's settings.
+    """
+    data = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    known = {f.name: f for f in fields(schema)}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ValueError(
+                f"{prefix}{key} is not a setting{hint}; {prefix.rstrip('.') or 'the config'} has: {', '.join(known)}"
+            )
+        factory = known[key].default_factory
+        if is_dataclass(factory) and isinstance(value, dict):
+            check_known_keys(value, factory, f"{prefix}{key}.")
+
+
+def from_checkpoint_unless_overridden(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """With ``model.name_or_path`` set, set each model field a checkpoint carries (``CHECKPOINT_FIELDS``)
+    to None, meaning the checkpoint's value, unless the command line sets it: a model group's preset
+    (e.g. the default ``rope_theta: 10000.0``) must not replace a checkpoint's value. Changes ``cfg`` in
+    place.
+
+    Args:
+        cfg: the composed config (before ``OmegaConf.to_object``).
+        overrides: the command-line overrides (``HydraConfig.get().overrides.task``), e.g.
+            ``["model.name_or_path=/ckpt", "model.rope_theta=1e6"]``.
+    Returns the fields kept because the command line sets them.
+    """
+    if not cfg.model.get("name_or_path"):
+        return []
+    given = {o.lstrip("+~").split("=", 1)[0].strip() for o in overrides}
+    kept = []
+    for key in CHECKPOINT_FIELDS:
+        if f"model.{key}" in given:
+            kept.append(key)
+        else:
+            cfg.model[key] = None
+    return kept
 
 
 def register_configs() -> None:

@@ -27,29 +27,76 @@ def _set_rope_theta(config, theta: float) -> None:
     config.rope_theta = theta
 
 
+# ModelConfig field -> the attribute of an HF config that holds it.
+HF_NAMES = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+            "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+            "tie_embeddings": "tie_word_embeddings"}
+
+
+def checkpoint_config(cfg: ModelConfig):
+    """The HF config of ``model.name_or_path`` with the settings given on the command line applied.
+
+    Fields left None keep the checkpoint's values. ``rope_theta`` and ``max_position_embeddings`` replace
+    the checkpoint's; a shape field (or ``tie_embeddings``) must equal the checkpoint's, since its
+    weights have that shape.
+
+    Raises:
+        ValueError: ``model.name_or_path`` is not an HF checkpoint, or a shape field differs from it.
+    """
+    from transformers import AutoConfig
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name_or_path={cfg.name_or_path!r} is not an HF checkpoint: {e}") from e
+    for key, attr in HF_NAMES.items():
+        want, have = getattr(cfg, key), getattr(hf_cfg, attr, None)
+        if key == "num_kv_heads" and have is None:
+            have = hf_cfg.num_attention_heads
+        if want is not None and want != have:
+            raise ValueError(
+                f"model.{key}={want} differs from the checkpoint's {have} (model.name_or_path={cfg.name_or_path!r}): "
+                f"its weights have that shape; drop model.{key} to keep the checkpoint's"
+            )
+    if cfg.rope_theta is not None:
+        _set_rope_theta(hf_cfg, cfg.rope_theta)
+    if cfg.max_position_embeddings is not None:
+        hf_cfg.max_position_embeddings = cfg.max_position_embeddings
+    return hf_cfg
+
+
+def rope_theta_of(hf_cfg) -> float | None:
+    """The RoPE base of an HF config (``rope_parameters["rope_theta"]`` in transformers 5, else ``rope_theta``)."""
+    rope = getattr(hf_cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return float(rope["rope_theta"])
+    theta = getattr(hf_cfg, "rope_theta", None)
+    return float(theta) if theta is not None else None
+
+
 def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """A Llama-family causal LM in float32: loaded from ``cfg.name_or_path`` or freshly initialised.
 
+    A loaded model keeps every value its checkpoint carries (RoPE base included) unless ``cfg`` sets it
+    (see ``checkpoint_config``).
+
     Raises:
-        ValueError: ``model.name_or_path`` is not a directory with an HF config, or its vocabulary is
-            smaller than the tokenizer's (``vocab_size``).
+        ValueError: ``model.name_or_path`` is not a directory with an HF config, a shape field given on
+            the command line differs from it, or its vocabulary is smaller than the tokenizer's
+            (``vocab_size``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.name_or_path:
-        try:
-            hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"model.name_or_path={cfg.name_or_path!r} is not an HF checkpoint: {e}") from e
-        if cfg.rope_theta is not None:
-            _set_rope_theta(hf_cfg, cfg.rope_theta)
+        hf_cfg = checkpoint_config(cfg)
         if hf_cfg.vocab_size < vocab_size:
             raise ValueError(
                 f"model.name_or_path={cfg.name_or_path!r} has vocab_size={hf_cfg.vocab_size} but the tokenizer "
                 f"has {vocab_size}; set data.tokenizer to the model's tokenizer"
             )
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
-        log.info("loaded %s (%.1fM parameters)", cfg.name_or_path, count_params(model) / 1e6)
+        log.info("loaded %s (%.1fM parameters, rope_theta %s)", cfg.name_or_path, count_params(model) / 1e6,
+                 rope_theta_of(model.config))
         return model
     hf_cfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -74,16 +121,11 @@ def model_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     (from the checkpoint's config.json when ``model.name_or_path`` is set), for checks before launch.
 
     Raises:
-        ValueError: ``model.name_or_path`` has no readable HF config.
+        ValueError: ``model.name_or_path`` has no readable HF config, or a shape field differs from it.
     """
     if not cfg.name_or_path:
         return cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
-    from transformers import AutoConfig
-
-    try:
-        c = AutoConfig.from_pretrained(cfg.name_or_path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model.name_or_path={cfg.name_or_path!r} is not an HF checkpoint: {e}") from e
+    c = checkpoint_config(cfg)
     return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.num_hidden_layers
 
 

@@ -43,3 +43,48 @@ def run_train(args, run_dir, cache, nproc=1, check=True, timeout=600):
 
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+WORDS = "alpha beta gamma delta import return class lambda yield async await def self none".split()
+DOC_WORDS = [70, 260, 95, 180, 120, 300, 85, 210, 150, 240, 110, 60]  # documents of unequal length
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A directory of 12 short text documents of unequal lengths, with its own data cache already built
+    (tokenizer trained): ``(corpus dir, cache dir, tokenizer)``. Runs use it with ``small_data_args``."""
+    import random
+
+    from data import build_data
+
+    root = tmp_path_factory.mktemp("small_corpus")
+    rng = random.Random(0)
+    for i, n in enumerate(DOC_WORDS):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(n)) + "\n")
+    cache = tmp_path_factory.mktemp("small_cache")
+    _, tok = build_data(path=str(root), vocab_size=1024, seq_len=256, cache_dir=cache)
+    return root, cache, tok
+
+
+def small_data_args(small_corpus):
+    """The overrides that train on ``small_corpus`` with its cache."""
+    root, cache, _ = small_corpus
+    return [f"data.path={root}", f"data.cache_dir={cache}"]
+
+
+@pytest.fixture(scope="session")
+def init_checkpoint(small_corpus, tmp_path_factory):
+    """A freshly initialised tiny HF Llama (2 layers, 4/2 heads, rope_theta 500000) saved with the
+    small corpus's tokenizer, as ``model.name_or_path`` of a run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = small_corpus[2]
+    out = tmp_path_factory.mktemp("init_ckpt")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      rope_theta=500000.0, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save(out)
+    return out

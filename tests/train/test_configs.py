@@ -1,8 +1,10 @@
 """Every shipped config composes into the typed schema; the SLURM launcher config composes."""
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -38,3 +40,68 @@ def test_slurm_launcher_composes():
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher)
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["tasks_per_node"] == 8
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        pytest.param("train.eval_batches=0", "train.eval_batches=0 must be >= 1", id="eval-batches-0"),
+        pytest.param("train.eval_batches=-2", "train.eval_batches=-2 must be >= 1", id="eval-batches-neg"),
+        pytest.param("train.eval_every=-1", "train.eval_every=-1 must be >= 0", id="eval-every-neg"),
+        pytest.param("model.max_position_embeddings=0", "model.max_position_embeddings=0 must be >= 1", id="max-pos"),
+        pytest.param("seed=-1", "seed=-1 must lie in", id="seed-neg"),
+        pytest.param("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0", id="grad-clip"),
+        pytest.param("+moba.blocksize=64", "moba.blocksize is not a setting (did you mean moba.block_size?)",
+                     id="plus-typo"),
+        pytest.param("+train.eval_batch=2", "train.eval_batch is not a setting (did you mean train.eval_batches?)",
+                     id="plus-typo-train"),
+        pytest.param("+logging.wandb.entity=me", "logging.wandb.entity is not a setting", id="plus-nested"),
+        pytest.param("+lr=0.1", "lr is not a setting", id="plus-top-level"),
+    ],
+)
+def test_bad_value_or_added_key_is_refused(override, message):
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = compose("config", overrides=[override])
+        with pytest.raises(ValueError, match=re.escape(message)):
+            to_run_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,expect",
+    [
+        pytest.param([], None, id="checkpoint-value"),
+        pytest.param(["model=llama3_8b"], None, id="preset-does-not-win"),
+        pytest.param(["model.rope_theta=20000"], 20000.0, id="command-line-wins"),
+    ],
+)
+def test_checkpoint_fields_win_over_model_group_defaults(init_checkpoint, overrides, expect):
+    """The tiny model group's ``rope_theta: 10000.0`` (or llama3_8b's shape) must not replace what the
+    checkpoint carries; a value given on the command line does."""
+    from train.model import build_model
+
+    overrides = [f"model.name_or_path={init_checkpoint}", *overrides]
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = to_run_config(compose("config", overrides=overrides), overrides)
+    assert cfg.model.rope_theta == expect and cfg.model.hidden_size is None
+    lm = build_model(cfg.model, vocab_size=100)
+    assert lm.config.rope_parameters["rope_theta"] == (expect or 500000.0)
+    assert (lm.config.hidden_size, lm.config.num_hidden_layers) == (64, 2)  # the checkpoint's shape
+    # RoPE really uses that base: the rotary inverse frequencies are base ** (-2i / head_dim).
+    inv_freq = lm.model.rotary_emb.inv_freq
+    assert torch.allclose(inv_freq[1], torch.tensor((expect or 500000.0) ** (-2 / 16)), rtol=1e-5)
+
+
+def test_explicit_shape_that_differs_from_the_checkpoint_is_refused(init_checkpoint):
+    from train.model import model_shape
+
+    overrides = [f"model.name_or_path={init_checkpoint}", "model.hidden_size=128"]
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = to_run_config(compose("config", overrides=overrides), overrides)
+    with pytest.raises(ValueError, match=re.escape("model.hidden_size=128 differs from the checkpoint's 64")):
+        model_shape(cfg.model)
+
+
+def test_fresh_model_keeps_the_group_values():
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = to_run_config(compose("config", overrides=["model=llama3_8b"]), ["model=llama3_8b"])
+    assert cfg.model.rope_theta == 500000.0 and cfg.model.hidden_size == 4096
