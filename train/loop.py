@@ -18,6 +18,7 @@ from moba_core.hf import apply_moba, set_moba_layers
 from moba_core.schedule import moba_active
 
 from . import checkpoint as ckpt
+from . import data_identity
 from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
 from .metrics import MetricsLogger
@@ -119,7 +120,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     """Train one stage as configured; returns the final metrics. Every check runs before GPU work."""
     import deepspeed
 
-    from data import build_data, build_dataloader, tokenizer_in
+    from data import build_data, build_dataloader
 
     # Every rank checks the same things before any collective or GPU work: an error on one rank only
     # would leave the others waiting in an all-to-all.
@@ -129,6 +130,10 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     run_config = {**config_dict, "world_size": world_from_env()[1]}
     if resume is not None:
         ckpt.check_resume_compatible(resume[0], resume[1], run_config)
+    # The run's corpus and tokenizer stay the ones it started with (data_identity.py).
+    saved_data = data_identity.saved_identity(*resume) if resume is not None else None
+    data_identity.check_corpus_unchanged(saved_data, cfg.data.path)
+    tokenizer_spec = data_identity.tokenizer_spec(cfg.data.tokenizer, cfg.model.name_or_path, saved_data)
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
     mpu = sp_group = None
     if info.sp_size > 1:
@@ -140,7 +145,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     # Data: rank 0 builds the caches first, the others then read them.
     d = cfg.data
     # Continuing from a model directory uses the tokenizer saved there unless data.tokenizer says otherwise.
-    data_kwargs = dict(path=d.path, tokenizer=d.tokenizer or tokenizer_in(cfg.model.name_or_path),
+    data_kwargs = dict(path=d.path, tokenizer=tokenizer_spec,
                        vocab_size=d.vocab_size, seq_len=d.seq_len, packing=d.packing, cache_dir=d.cache_dir)
     if not info.is_main:
         dist.barrier()
@@ -148,6 +153,10 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     val_ds, _ = build_data(split="val", **data_kwargs)
     if info.is_main:
         dist.barrier()
+    data_identity.check_tokenizer_unchanged(saved_data, tokenizer, tokenizer_spec)  # on every rank
+    run_config["data_identity"] = data_identity.identity(d.path, tokenizer, run_dir)
+    if info.is_main:
+        data_identity.store_tokenizer(tokenizer, run_dir)
     train_loader = build_dataloader(train_ds, cfg.train.micro_batch_size, seed=cfg.seed,
                                     dp_rank=info.dp_rank, dp_size=info.dp_size)
     val_loader = build_dataloader(val_ds, cfg.train.micro_batch_size, seed=cfg.seed, dp_rank=info.dp_rank,
