@@ -82,6 +82,7 @@ def test_packed_loss_under_sp_equals_per_document_loss(tmp_path, data_cache, fiv
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save(model_dir)  # the checkpoint's tokenizer (a checkpoint without one is refused)
     moba_cfg = MoBAConfig(block_size=64, top_k=2, full_attn_layers=[-1], backend="reference")
     expected = per_document_loss(model_dir, sample, moba_cfg)
     common = [f"data.path={five_docs}", f"data.cache_dir={cache}", f"data.seq_len={seq_len}", "data.vocab_size=1024",
