@@ -9,7 +9,8 @@ transformers calls the function per layer as ``fn(module, query, key, value, att
 scaling=..., dropout=..., **kwargs)`` with query (B, H_q, T, D) and key / value (B, H_kv, T, D), not
 expanded for GQA. Packed documents arrive as the flash-attention keyword arguments the model was called
 with (``cu_seq_lens_q``, ``max_length_q``): every document is attended on its own in both MoBA and full
-layers. Without them each batch row is one sequence. A 2-D padding ``attention_mask`` is not used by
+layers. Without them, documents are where ``position_ids`` restart at 0 (transformers' padding-free
+convention, as its flash-attention path reads them), and each batch row is at least one sequence. A 2-D padding ``attention_mask`` is not used by
 this implementation (transformers builds none for custom functions): express padding as its own
 document in ``cu_seqlens`` instead.
 """
@@ -25,14 +26,37 @@ from .flash import varlen_causal_attention
 ATTN_IMPLEMENTATION = "moba"
 
 
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries of packed rows given only by ``position_ids`` restarting at 0.
+
+    position_ids: (B, T) integer. A document starts at every row start and wherever a position is 0, as
+    in transformers' padding-free convention (``prepare_fa_kwargs_from_position_ids``, which its
+    flash-attention path uses when no ``cu_seq_lens_*`` are passed). Returns ``(cu_seqlens, max_seqlen)``
+    over the flattened B * T tokens: int32 (num_docs + 1,) on ``position_ids``' device, and an int.
+    """
+    B, T = position_ids.shape
+    starts = position_ids == 0  # (B, T)
+    starts[:, 0] = True  # rows never attend to each other
+    idx = starts.reshape(-1).nonzero().reshape(-1)
+    cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def packed_args(batch: int, seqlen: int, kwargs: dict, device) -> tuple[torch.Tensor, int]:
-    """``(cu_seqlens, max_seqlen)`` of the flattened (batch * seqlen) tokens of one attention call."""
+    """``(cu_seqlens, max_seqlen)`` of the flattened (batch * seqlen) tokens of one attention call: the
+    ``cu_seq_lens_q`` / ``max_length_q`` keyword arguments when given; else the documents that
+    ``position_ids`` (B, T) mark by restarting at 0 (``cu_seqlens_from_position_ids``); else one
+    sequence per batch row."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         max_len = kwargs.get("max_length_q")
         if max_len is None:
             max_len = int((cu[1:] - cu[:-1]).max())
         return cu.to(device=device, dtype=torch.int32), int(max_len)
+    pos = kwargs.get("position_ids")
+    if pos is not None and pos.numel() == batch * seqlen:
+        cu, max_len = cu_seqlens_from_position_ids(pos.reshape(batch, seqlen))
+        return cu.to(device), max_len
     cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
     return cu, seqlen
 

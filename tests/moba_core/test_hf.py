@@ -79,3 +79,35 @@ def test_full_attn_layer_out_of_range():
 )
 def test_schedules(name, expect):
     assert [moba_active(name, s, 10, 0.3) for s in range(10)] == expect
+
+
+@pytest.mark.parametrize(
+    "moba_layers",
+    [
+        pytest.param(None, id="moba-and-full-layers"),
+        pytest.param([], id="all-full"),
+    ],
+)
+def test_documents_given_by_restarting_position_ids_do_not_attend_across(moba_layers):
+    """No cu_seq_lens (transformers' padding-free convention): position_ids restarting at 0 mark the
+    documents of a row; each document's logits equal the document run alone, in MoBA and full layers."""
+    m = tiny_llama()
+    apply_moba(m, MoBAConfig(block_size=16, top_k=2, full_attn_layers=[2]))
+    if moba_layers is not None:
+        set_moba_layers(m, moba_layers)
+    ids = torch.randint(0, 97, (1, 130))
+    lens = [57, 73]
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad():
+        packed = m(ids, position_ids=pos).logits
+        first, second = m(ids[:, :57]).logits, m(ids[:, 57:]).logits
+    torch.testing.assert_close(packed[:, 57:], second, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, :57], first, atol=1e-5, rtol=1e-5)
+
+
+def test_cu_seqlens_from_position_ids_rows_and_restarts():
+    from moba_core.hf import cu_seqlens_from_position_ids
+
+    pos = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])  # the second row starts mid-document
+    cu, max_len = cu_seqlens_from_position_ids(pos)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 7, 10] and max_len == 3
