@@ -1,4 +1,4 @@
-"""MoBA block-sparse attention backward: dq, dk, dv without materialising attention matrices.
+"""MoBA block-sparse attention backward for the queries of sparse blocks: no atomics, deterministic.
 
 With the global LSE of the forward (base 2) and ``delta = rowsum(dO * O)`` per (head, query), every
 (query, key) pair contributes independently (the flash-attention identity ``dS = P * (dP - delta)``
@@ -6,19 +6,20 @@ with P formed from the merged LSE), so the current block and the selected blocks
 of one exact backward.
 
 Kernels (launched over upper bounds; surplus programs exit):
-    ``_delta_kernel``     delta fp32 (HQ, T).
+    ``_delta_kernel``     delta fp32 (HQ, T) for the rows of sparse blocks.
     ``_dkdv_kernel``      key-block-major: a program owns (KV head, block, tile of BLOCK_N keys) and
                           accumulates dK, dV in registers over (a) the block's own queries (causal) for
-                          the G query heads of the group and (b) every query in the block's lists (one
-                          list per query head, or one per KV head under group routing). It writes dK, dV
-                          once: no atomics, and a block nobody selects gets its diagonal part only
-                          (exact zeros where dO is zero, never NaN).
-    ``_diag_dq_kernel``   query-major causal dQ inside the current block; initialises the fp32 dQ
-                          accumulator with a plain store.
-    ``_list_dq_kernel``   key-block-major over the same query tiles as the forward lists; a program
-                          accumulates dQ of its gathered queries over the block's keys in registers and
-                          adds it with one fp32 atomic add per (query, block, element).
-Layouts, dtypes and head dims as in ``kernels.attention_fwd``.
+                          the G query heads of the group, when the block is sparse, and (b) every query
+                          in the block's lists (one list per query head, or one per KV head under group
+                          routing). It writes dK, dV once: no atomics, and a block nobody selects gets its
+                          diagonal part only (exact zeros where dO is zero, never NaN). 4 products per pair.
+    ``_list_dq_kernel``   over the same query tiles as the forward lists: dQ of the gathered queries
+                          against the block's keys, in registers, written as a partial per (query, slot)
+                          (HC, T, KSEL, D). 3 products per pair.
+    ``_diag_dq_kernel``   query-major causal dQ inside the current block plus the KSEL partials, summed in
+                          fp32 and written once.
+Layouts, dtypes and head dims as in ``kernels.attention_fwd``. Rows of dense blocks are not written in dq
+(the caller's dense path owns them); every row of dk, dv is written.
 """
 
 from __future__ import annotations
@@ -29,44 +30,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import _gather_rows, dot_precision, list_grid_args, tuned_config_kwargs
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep configs whose tiles divide the block; one config under the interpreter."""
-    bs = named_args.get("BLOCK_SIZE", kwargs.get("BLOCK_SIZE"))
-    keep = [c for c in configs if bs is None or bs % c.kwargs.get("BLOCK_N", 16) == 0]
-    keep = keep or configs[-1:]
-    return keep[:1] if INTERPRET else keep
-
-
-_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3),
-                         (16, 16, 4, 1)]
-]
-_DQ_CONFIGS = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2), triton.Config({"BLOCK_N": 16}, num_warps=4)]
-_DIAG_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (16, 16, 4, 1)]
-]
+from .attention_fwd import LOG2E, _gather_rows, dot_precision, head_chunks, kernel_config
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, stride_doh, T,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, block_start_ptr, block_len_ptr, sparse_ptr,
+                  stride_ot, stride_oh, stride_dot, stride_doh, T,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, BLOCK_M: tl.constexpr):
+    NQT = tl.cdiv(BLOCK_SIZE, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1).to(tl.int64)
-    t = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    blk = tl.load(sparse_ptr + pid // NQT).to(tl.int64)
+    m0 = (pid % NQT) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mrow = offs_m < tl.load(block_len_ptr + blk)
+    t = tl.load(block_start_ptr + blk) + offs_m
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (t[:, None] < T) & (offs_d[None, :] < D)
+    mask = mrow[:, None] & (offs_d[None, :] < D)
     # [BLOCK_M, BLOCK_D]
     o = tl.load(o_ptr + t[:, None] * stride_ot + hq * stride_oh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(do_ptr + t[:, None] * stride_dot + hq * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    tl.store(delta_ptr + hq * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=t < T)
+    tl.store(delta_ptr + hq * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=mrow)
 
 
 @triton.jit
@@ -90,20 +74,18 @@ def _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, t, rmask, hq, T, stride_
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["T_BUCKET", "D", "BLOCK_SIZE", "KSEL"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    entries_ptr, list_ptr, block_start_ptr, block_len_ptr,
+    entries_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    T, NB, qk_scale, sm_scale, T_BUCKET,
-    G: tl.constexpr, NLISTS: tl.constexpr, KSEL: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+    T, NB, DENSE_BLOCKS, qk_scale, sm_scale,
+    G: tl.constexpr, NLISTS: tl.constexpr, KSEL,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    NKT: tl.constexpr = (BLOCK_SIZE + BLOCK_N - 1) // BLOCK_N
+    NKT = tl.cdiv(BLOCK_SIZE, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
     hkv = tl.program_id(1).to(tl.int64)
     blk = pid // NKT
@@ -124,18 +106,19 @@ def _dkdv_kernel(
                 mask=nmask[:, None] & dmask[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # (a) the block's own queries, causal: rows from the first key of this tile to the block end
-    for j in range(G):
-        hq = hkv * G + j
-        for m in range(n0 - n0 % BLOCK_M, blen, BLOCK_M):
-            offs_m = m + tl.arange(0, BLOCK_M)
-            rmask = offs_m < blen
-            cm = (offs_m[None, :] >= offs_n[:, None]) & rmask[None, :] & nmask[:, None]
-            ddk, ddv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start + offs_m, rmask, hq, T,
-                                  stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, offs_d, dmask, cm,
-                                  DOT_PREC)
-            dk += ddk
-            dv += ddv
+    # (a) the block's own queries, causal, when the block is sparse: rows from this key tile to the block end
+    if blk - tl.load(block_first_ptr + blk) >= DENSE_BLOCKS:
+        for j in range(G):
+            hq = hkv * G + j
+            for m in range(n0 - n0 % BLOCK_M, blen, BLOCK_M):
+                offs_m = m + tl.arange(0, BLOCK_M)
+                rmask = offs_m < blen
+                cm = (offs_m[None, :] >= offs_n[:, None]) & rmask[None, :] & nmask[:, None]
+                ddk, ddv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, start + offs_m, rmask, hq, T,
+                                      stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, offs_d, dmask, cm,
+                                      DOT_PREC)
+                dk += ddk
+                dv += ddv
     # (b) the queries that selected this block (only full blocks can be selected)
     if KSEL > 0:
         if blen == BLOCK_SIZE:
@@ -147,11 +130,20 @@ def _dkdv_kernel(
                 e1 = tl.load(list_ptr + lst + 1)
                 for j in range(G // NLISTS):
                     hq = hkv * G + li + j
+                    offs_e = e0 + tl.arange(0, BLOCK_M)
+                    nmask_e = offs_e < e1
+                    nent = tl.load(entries_ptr + offs_e, mask=nmask_e, other=0)
                     for e in range(e0, e1, BLOCK_M):
-                        offs_e = e + tl.arange(0, BLOCK_M)
-                        rmask = offs_e < e1
-                        ent = tl.load(entries_ptr + offs_e, mask=rmask, other=0).to(tl.int64)
-                        t = ent // KSEL % T
+                        if PREFETCH:  # the next tile's entries load while this tile computes
+                            rmask = nmask_e
+                            t = nent.to(tl.int64) // KSEL % T
+                            offs_e = e + BLOCK_M + tl.arange(0, BLOCK_M)
+                            nmask_e = offs_e < e1
+                            nent = tl.load(entries_ptr + offs_e, mask=nmask_e, other=0)
+                        else:
+                            offs_e = e + tl.arange(0, BLOCK_M)
+                            rmask = offs_e < e1
+                            t = tl.load(entries_ptr + offs_e, mask=rmask, other=0).to(tl.int64) // KSEL % T
                         cm = rmask[None, :] & nmask[:, None]
                         ddk, ddv = _dkdv_tile(k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, t, rmask, hq, T,
                                               stride_qt, stride_qh, stride_dot, stride_doh, qk_scale, offs_d,
@@ -184,18 +176,18 @@ def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, kv_rows, hkv, stride_kt, stride_kh
 
 @triton.jit
 def _list_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqacc_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqpart_ptr,
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    T, NB, NL, qk_scale, sm_scale, T_BUCKET,
-    HQ: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+    T, NB, LIST0, LIST1, HQ0, qk_scale,
+    G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    if tl.load(tile_list_ptr + pid) >= NL:
+    pid = tl.program_id(0).to(tl.int64) + tl.load(tile_first_ptr + LIST0)
+    if pid >= tl.load(tile_first_ptr + LIST1):
         return
-    lst, me, t, slot = _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, NB, T, KSEL, BLOCK_M)
+    lst, me, t, slot = _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, pid, T, KSEL, BLOCK_M)
     hr = lst // NB
     blk = lst % NB
     hkv = hr // (G // NHEADS)
@@ -220,23 +212,24 @@ def _list_dq_kernel(
             dq += _dq_tile(q, do, lse, delta, k_ptr, v_ptr, (kstart + offs_n).to(tl.int64), hkv, stride_kt,
                            stride_kh, stride_vt, stride_vh, qk_scale, offs_d, dmask, kmask,
                            me[:, None] & kmask[None, :], DOT_PREC)
-        tl.atomic_add(dqacc_ptr + (t * HQ + hq)[:, None] * D + offs_d[None, :], dq * sm_scale, mask=rmask)
+        row = ((hq - HQ0) * T + t) * KSEL + slot
+        tl.store(dqpart_ptr + row[:, None] * D + offs_d[None, :], dq.to(dqpart_ptr.dtype.element_ty), mask=rmask)
 
 
-@triton.autotune(configs=_DIAG_DQ_CONFIGS, key=["T_BUCKET", "D", "BLOCK_SIZE"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _diag_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqacc_ptr, block_start_ptr, block_len_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dqpart_ptr, sel_ptr,
+    block_start_ptr, block_len_ptr, sparse_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    T, qk_scale, sm_scale, T_BUCKET,
-    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_dqt, stride_dqh,
+    T, HQ0, qk_scale, sm_scale,
+    G: tl.constexpr, GROUP: tl.constexpr, KSEL, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    NQT: tl.constexpr = (BLOCK_SIZE + BLOCK_M - 1) // BLOCK_M
+    NQT = tl.cdiv(BLOCK_SIZE, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
-    hq = tl.program_id(1).to(tl.int64)
-    blk = pid // NQT
+    hq = HQ0 + tl.program_id(1).to(tl.int64)
+    blk = tl.load(sparse_ptr + pid // NQT).to(tl.int64)
     m0 = (pid % NQT) * BLOCK_M
     blen = tl.load(block_len_ptr + blk)
     if m0 >= blen:
@@ -261,12 +254,30 @@ def _diag_dq_kernel(
         smask = (offs_n[None, :] <= offs_m[:, None]) & kmask[None, :] & me[:, None]
         dq += _dq_tile(q, do, lse, delta, k_ptr, v_ptr, (start + offs_n).to(tl.int64), hkv, stride_kt,
                        stride_kh, stride_vt, stride_vh, qk_scale, offs_d, dmask, kmask, smask, DOT_PREC)
-    tl.store(dqacc_ptr + (t * HQ + hq)[:, None] * D + offs_d[None, :], dq * sm_scale, mask=rmask)
+    if KSEL > 0:
+        if GROUP:
+            hr = hkv
+        else:
+            hr = hq
+        for j in range(KSEL):
+            ok = me & (tl.load(sel_ptr + (hr * T + t) * KSEL + j, mask=me, other=-1) >= 0)
+            row = ((hq - HQ0) * T + t) * KSEL + j
+            dq += tl.load(dqpart_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
+                          other=0.0).to(tl.float32)
+    tl.store(dq_ptr + t[:, None] * stride_dqt + hq * stride_dqh + offs_d[None, :],
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=rmask)
 
 
-def moba_bwd(do, q, k, v, o, lse, layout: dict, lists: dict | None, top_k: int, block_size: int,
-             softmax_scale: float, group_routing: bool):
-    """Backward of MoBA attention: returns dq, dk, dv in the inputs' dtype and layout (T, H, D)."""
+def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: int, block_size: int,
+             softmax_scale: float, group_routing: bool, dense_blocks: int, dq, dk, dv, budget_bytes: int):
+    """Backward of MoBA attention for the queries of sparse blocks.
+
+    Args:
+        do, q, o: (T, HQ, D); k, v: (T, HKV, D); lse fp32 (HQ, T) from ``moba_fwd``; layout, sel, lists
+        from ``kernels.routing``; dense_blocks as given to ``block_layout``; dq (T, HQ, D), dk, dv
+        (T, HKV, D): output buffers (dq written on the rows of sparse blocks, dk and dv on every row);
+        budget_bytes: bound of the dQ partial buffers.
+    """
     T, HQ, D = q.shape
     HKV = k.shape[1]
     G = HQ // HKV
@@ -276,41 +287,50 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, lists: dict | None, top_k: int, 
     BLOCK_D = max(16, triton.next_power_of_2(D))
     qk_scale = softmax_scale * LOG2E
     delta = torch.empty((HQ, T), device=dev, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(T, 64), HQ)](o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
-                                            T, D=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
-    common = dict(
-        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse_ptr=lse, delta_ptr=delta, block_start_ptr=layout["block_start"],
-        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
-        T=T, qk_scale=qk_scale, sm_scale=softmax_scale, T_BUCKET=triton.next_power_of_2(max(T, 1)),
-        G=G, D=D, BLOCK_D=BLOCK_D, BLOCK_SIZE=block_size, DOT_PREC=dot_precision(q.dtype),
-    )
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if layout["NS"]:
+        _delta_kernel[(layout["NS"] * triton.cdiv(block_size, 64), HQ)](
+            o, do, delta, layout["block_start"], layout["block_len"], layout["sparse_blocks"],
+            o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BLOCK_D=BLOCK_D,
+            BLOCK_SIZE=block_size, BLOCK_M=64)
+    strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+                   stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1))
+    const = dict(T=T, qk_scale=qk_scale, G=G, KSEL=ksel, D=D, BLOCK_D=BLOCK_D, BLOCK_SIZE=block_size,
+                 DOT_PREC=dot_precision(q.dtype))
+    if layout["NS"] == 0:  # every query is dense: the caller's dense path owns all gradients
+        dk.zero_()
+        dv.zero_()
+        return
     dummy = layout["block_start"]
-    grid = lambda meta: (nb * triton.cdiv(block_size, meta["BLOCK_N"]), HKV)
+    cfg = kernel_config("dkdv", block_size, D, q.dtype)
+    grid = (nb * triton.cdiv(block_size, cfg["BLOCK_N"]), HKV)
     _dkdv_kernel[grid](
-        dk_ptr=dk, dv_ptr=dv, entries_ptr=lists["entries"] if lists else dummy,
-        list_ptr=lists["list_ptr"] if lists else dummy, block_len_ptr=layout["block_len"],
+        q, k, v, do, lse, delta, dk, dv, lists["entries"] if lists else dummy, lists["list_ptr"] if lists else dummy,
+        layout["block_start"], layout["block_len"], layout["block_first"],
         stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
-        NB=nb, NLISTS=1 if group_routing else G, KSEL=ksel, **common,
+        NB=nb, DENSE_BLOCKS=dense_blocks, sm_scale=softmax_scale, NLISTS=1 if group_routing else G,
+        PREFETCH=os.environ.get("MOBA_DKDV_PREFETCH", "0") == "1",
+        **strides, **const, **cfg,
     )
-    dqacc = torch.empty((T, HQ, D), device=dev, dtype=torch.float32)
-    grid = lambda meta: (nb * triton.cdiv(block_size, meta["BLOCK_M"]), HQ)
-    _diag_dq_kernel[grid](dqacc_ptr=dqacc, block_len_ptr=layout["block_len"], HQ=HQ, **common)
-    if ksel > 0:
-        hr = HKV if group_routing else HQ
-        cfg = _pick_dq_config(block_size, lists["tile_m"])
-        _list_dq_kernel[(lists["max_tiles"],)](
-            dqacc_ptr=dqacc, NB=nb, NL=hr * nb, HQ=HQ, GROUP=group_routing,
-            NHEADS=G if group_routing else 1, KSEL=ksel, BLOCK_M=lists["tile_m"],
-            **list_grid_args(lists), **common, **cfg,
+    nh = G if group_routing else 1
+    hr_total = HKV if group_routing else HQ
+    chunks = head_chunks(hr_total, nh * T * ksel * D * q.element_size(), budget_bytes)
+    dcfg = kernel_config("diag_dq", block_size, D, q.dtype)
+    lcfg = kernel_config("list_dq", block_size, D, q.dtype)
+    for h0, h1 in chunks:
+        hq0, nhq = h0 * nh, (h1 - h0) * nh
+        if ksel:
+            dqpart = torch.empty((nhq, T, ksel, D), device=dev, dtype=q.dtype)
+            bound = triton.cdiv(T * (h1 - h0) * ksel, lists["tile_m"]) + (h1 - h0) * nb
+            _list_dq_kernel[(bound,)](
+                q, k, v, do, lse, delta, dqpart, lists["entries"], lists["list_ptr"], lists["tile_list"],
+                lists["tile_first"], layout["block_start"], NB=nb, LIST0=h0 * nb, LIST1=h1 * nb, HQ0=hq0,
+                GROUP=group_routing, NHEADS=nh, **strides, **const, **dict(lcfg, BLOCK_M=lists["tile_m"]),
+            )
+        else:
+            dqpart = delta  # unused
+        grid = (layout["NS"] * triton.cdiv(block_size, dcfg["BLOCK_M"]), nhq)
+        _diag_dq_kernel[grid](
+            q, k, v, do, lse, delta, dq, dqpart, sel if ksel else delta, layout["block_start"], layout["block_len"],
+            layout["sparse_blocks"], stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), HQ0=hq0,
+            sm_scale=softmax_scale, GROUP=group_routing, **strides, **const, **dcfg,
         )
-    return dqacc.to(q.dtype), dk, dv
-
-
-def _pick_dq_config(block_size: int, tile_m: int) -> dict:
-    """Fixed config of the atomic dQ list kernel (atomics rule out autotuning by reruns)."""
-    if INTERPRET or block_size % 64:
-        return tuned_config_kwargs(None, _DQ_CONFIGS[-1])
-    return dict(BLOCK_N=64, num_warps=8 if tile_m >= 128 else 4, num_stages=2)

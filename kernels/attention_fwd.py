@@ -1,33 +1,31 @@
-"""MoBA block-sparse attention forward, key-block-major, exact softmax with a saved LSE.
+"""MoBA block-sparse attention forward for the queries of sparse blocks: one pass, no atomics.
 
 Why key-block-major: MoBA routes per token, so the 64-128 queries of a query tile choose nearly every
 earlier block between them; a query-tile-major kernel would either visit that union (about half of all
 causal tiles, FlexAttention's cost) or degrade to one query per program. Turning the problem around, a
 program owns one (head, key block) and a tile of the queries that chose it (gathered through the lists
 of ``kernels.routing.build_block_lists``): K and V of the block stream once per tile and every
-``tl.dot`` is a dense [BLOCK_M x BLOCK_N] tile. The current block is an ordinary causal flash tile on the
-diagonal (query-major there, since all its queries attend it).
+``tl.dot`` is a dense [BLOCK_M x BLOCK_N] tile.
 
-Passes (all launched over upper bounds, no host sync):
-    1. ``_list_fwd_kernel`` PASS=1: per (query, slot) the LSE of the scores against the selected block
-       -> ``lse_part`` fp32 (HQ, T, KSEL) (-inf for an empty slot).
-    2. ``_diag_fwd_kernel``: causal attention inside the current block; merges its LSE with the KSEL
-       partial LSEs into the global LSE (``lse`` fp32 (HQ, T), base 2, of ``s * scale * log2(e)``) and
-       initialises the fp32 output accumulator with the diagonal part already normalised by it.
-    3. ``_list_fwd_kernel`` PASS=2: recomputes ``p = exp2(s - lse)`` with the global LSE (no rescaling)
-       and adds ``p @ V`` into the accumulator with fp32 atomic adds (one per (query, block, element)).
-    This costs 1.5x the matmuls of one pass but needs no (query, slot) partial-output buffer.
+Kernels (flash-decoding's split-and-combine, with the splits given by the routing):
+    1. ``_list_fwd_kernel``: per (query, slot) the attention of the query over its selected block alone:
+       a normalised partial output ``o_part`` (HC, T, KSEL, D) in the input dtype and its LSE
+       ``lse_part`` fp32 (HC, T, KSEL) (base 2, of ``s * scale * log2(e)``). Each (query, slot) has one
+       writer. 2 matrix products per attended (query, key) pair.
+    2. ``_combine_fwd_kernel``: per tile of queries of one sparse block, the causal attention inside the
+       block (an ordinary flash tile on the diagonal), merged with the KSEL partials by LSE in fp32;
+       writes o and the global LSE (HQ, T). Slots the routing left empty (``sel < 0``) are skipped.
+Both run per chunk of HC heads so the partial buffers stay bounded (about the size of q).
 
 Layouts: q, o (T, HQ, D); k, v (T, HKV, D); any strides (int64 offsets). GQA: HQ = G * HKV, k/v never
 expanded; per-head routing lists are per query head, group routing lists per KV head (a program then
 serves the G heads of its group from one K/V stream). Dtypes fp16 / bf16 / fp32 (fp32 dots in "ieee"
 precision). Head dim D <= 128, padded to a power of two >= 16. Selected blocks are always full
-(``block_size`` keys), so only the diagonal part needs key masks.
+(``block_size`` keys), so only the diagonal part needs key masks. Rows of dense blocks are not written.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -38,31 +36,40 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep configs whose key tile divides the block and fits it; one config under the interpreter."""
-    bs = named_args.get("BLOCK_SIZE", kwargs.get("BLOCK_SIZE"))
-    keep = [c for c in configs if bs is None or (bs % c.kwargs.get("BLOCK_N", 16) == 0)]
-    keep = keep or configs[-1:]
-    return keep[:1] if INTERPRET else keep
+def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Fixed launch configuration of one kernel (tiles, warps, stages), chosen without autotuning.
 
-
-# The list kernels use atomics (pass 2) and a host-built tile map, so their query tile is fixed by the
-# launcher and only warps / stages are tuned (pass 1 only: re-running pass 2 would add twice).
-_LIST_CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (16, 4, 2)]
-]
-_DIAG_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (64, 64, 4, 3), (16, 16, 4, 2)]
-]
+    Measured on an H200 (bf16, D=128; see the kernel notes in BENCHMARKS.md). A table instead of
+    ``triton.autotune``: the first call at a new shape then costs compilation only, and the same choice
+    holds in every process. ``MOBA_CFG_<NAME>=BM,BN,WARPS,STAGES`` overrides an entry (for sweeps).
+    Tiles never exceed the block (``BLOCK_SIZE % BN == 0`` is required where keys of a block are tiled).
+    """
+    env = os.environ.get(f"MOBA_CFG_{name.upper()}")
+    if env:
+        bm, bn, w, s = (int(x) for x in env.split(","))
+    elif INTERPRET:
+        bm, bn, w, s = 16, 16, 4, 1
+    else:
+        big = head_dim > 64 or dtype == torch.float32
+        bm, bn, w, s = {
+            "list_fwd": (128, 64, 8, 3) if big else (128, 128, 8, 3),
+            "combine_fwd": (64, 64, 4, 3),
+            "dkdv": (64, 128, 8, 2),
+            "list_dq": (128, 32, 4, 3),
+            "diag_dq": (128, 64, 8, 2),
+        }[name]
+        if dtype == torch.float32:
+            bm, bn = min(bm, 64), min(bn, 64)
+    bn = min(bn, block_size)
+    while block_size % bn:
+        bn //= 2
+    return dict(BLOCK_M=bm, BLOCK_N=max(bn, 16), num_warps=w, num_stages=s)
 
 
 @triton.jit
-def _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, NB, T,
-                 KSEL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(list, rows) of this program's query tile: list id (-1 when the program is surplus), token, slot."""
-    pid = tl.program_id(0).to(tl.int64)
+def _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, pid, T,
+                 KSEL, BLOCK_M: tl.constexpr):
+    """(list, row mask, token, slot) of the query tile ``pid`` of the lists."""
     lst = tl.load(tile_list_ptr + pid).to(tl.int64)
     e0 = tl.load(list_ptr + lst) + (pid - tl.load(tile_first_ptr + lst)) * BLOCK_M
     e1 = tl.load(list_ptr + lst + 1)
@@ -74,18 +81,19 @@ def _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, NB, T,
 
 @triton.jit
 def _list_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, lse_part_ptr, lse_ptr, oacc_ptr,
+    q_ptr, k_ptr, v_ptr, opart_ptr, lpart_ptr,
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    T, NB, NL, qk_scale, T_BUCKET,
-    HQ: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, PASS: tl.constexpr,
+    T, NB, LIST0, LIST1, HQ0, qk_scale,
+    G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    if tl.load(tile_list_ptr + pid) >= NL:
+    # tiles of lists [LIST0, LIST1) (one chunk of routing heads); surplus programs exit
+    pid = tl.program_id(0).to(tl.int64) + tl.load(tile_first_ptr + LIST0)
+    if pid >= tl.load(tile_first_ptr + LIST1):
         return
-    lst, me, t, slot = _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, NB, T, KSEL, BLOCK_M)
+    lst, me, t, slot = _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, pid, T, KSEL, BLOCK_M)
     hr = lst // NB
     blk = lst % NB
     hkv = hr // (G // NHEADS)  # NHEADS = G under group routing (lists per KV head), else 1
@@ -100,50 +108,45 @@ def _list_fwd_kernel(
         # [BLOCK_M, BLOCK_D]
         q = tl.load(q_ptr + t[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
                     mask=me[:, None] & dmask[None, :], other=0.0)
-        if PASS == 1:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-        else:
-            lse = tl.load(lse_ptr + hq * T + t, mask=me, other=0.0)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n in range(0, BLOCK_SIZE, BLOCK_N):
             offs_n = (kstart + n + tl.arange(0, BLOCK_N)).to(tl.int64)
             # [BLOCK_N, BLOCK_D]
             kk = tl.load(k_ptr + offs_n[:, None] * stride_kt + hkv * stride_kh + offs_d[None, :],
                          mask=dmask[None, :], other=0.0)
+            vv = tl.load(v_ptr + offs_n[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
+                         mask=dmask[None, :], other=0.0)
             # [BLOCK_M, BLOCK_N]
             s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-            if PASS == 1:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-                m_i = m_new
-            else:
-                vv = tl.load(v_ptr + offs_n[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
-                             mask=dmask[None, :], other=0.0)
-                p = tl.exp2(s - lse[:, None])
-                acc += tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-        if PASS == 1:
-            tl.store(lse_part_ptr + (hq * T + t) * KSEL + slot, m_i + tl.log2(l_i), mask=me)
-        else:
-            optrs = oacc_ptr + (t * HQ + hq)[:, None] * D + offs_d[None, :]
-            tl.atomic_add(optrs, acc, mask=me[:, None] & dmask[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+            m_i = m_new
+        l_safe = tl.where(me, l_i, 1.0)
+        row = ((hq - HQ0) * T + t) * KSEL + slot
+        tl.store(lpart_ptr + row, tl.where(me, m_i, 0.0) + tl.log2(l_safe), mask=me)
+        tl.store(opart_ptr + row[:, None] * D + offs_d[None, :], (acc / l_safe[:, None]).to(opart_ptr.dtype.element_ty),
+                 mask=me[:, None] & dmask[None, :])
 
 
-@triton.autotune(configs=_DIAG_CONFIGS, key=["T_BUCKET", "D", "BLOCK_SIZE"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _diag_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, lse_part_ptr, lse_ptr, oacc_ptr, block_start_ptr, block_len_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    T, qk_scale, T_BUCKET,
-    HQ: tl.constexpr, G: tl.constexpr, KSEL: tl.constexpr, KPAD: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+def _combine_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, opart_ptr, lpart_ptr, sel_ptr,
+    block_start_ptr, block_len_ptr, sparse_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    T, HQ0, qk_scale,
+    G: tl.constexpr, GROUP: tl.constexpr, KSEL,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    NQT: tl.constexpr = (BLOCK_SIZE + BLOCK_M - 1) // BLOCK_M
+    NQT = tl.cdiv(BLOCK_SIZE, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
-    hq = tl.program_id(1).to(tl.int64)
-    blk = pid // NQT
+    hq = HQ0 + tl.program_id(1).to(tl.int64)
+    blk = tl.load(sparse_ptr + pid // NQT).to(tl.int64)
     m0 = (pid % NQT) * BLOCK_M
     blen = tl.load(block_len_ptr + blk)
     if m0 >= blen:
@@ -161,6 +164,7 @@ def _diag_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # causal diagonal: key tiles before the query tile need no mask, the last ones do
     hi = tl.minimum(m0 + BLOCK_M, blen)
     for n in range(0, hi, BLOCK_N):
         offs_n = n + tl.arange(0, BLOCK_N)
@@ -184,27 +188,27 @@ def _diag_fwd_kernel(
     m_i = tl.where(mrow, m_i, 0.0)
     l_i = tl.where(mrow, l_i, 1.0)
     lse = m_i + tl.log2(l_i)
+    o = acc / l_i[:, None]
     if KSEL > 0:
-        offs_k = tl.arange(0, KPAD)
-        # [BLOCK_M, KPAD]
-        lp = tl.load(lse_part_ptr + (hq * T + t)[:, None] * KSEL + offs_k[None, :],
-                     mask=mrow[:, None] & (offs_k[None, :] < KSEL), other=float("-inf"))
-        mx = tl.maximum(lse, tl.max(lp, axis=1))
-        lse = mx + tl.log2(tl.exp2(lse - mx) + tl.sum(tl.exp2(lp - mx[:, None]), axis=1))
+        if GROUP:
+            hr = hkv
+        else:
+            hr = hq
+        # merge the KSEL partials (lse, o): running max in base 2, fp32
+        for j in range(KSEL):
+            ok = mrow & (tl.load(sel_ptr + (hr * T + t) * KSEL + j, mask=mrow, other=-1) >= 0)
+            row = ((hq - HQ0) * T + t) * KSEL + j
+            lp = tl.load(lpart_ptr + row, mask=ok, other=float("-inf"))
+            op = tl.load(opart_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
+                         other=0.0).to(tl.float32)
+            mx = tl.maximum(lse, lp)
+            wa = tl.exp2(lse - mx)
+            wb = tl.exp2(lp - mx)
+            o = (o * wa[:, None] + op * wb[:, None]) / (wa + wb)[:, None]
+            lse = mx + tl.log2(wa + wb)
     tl.store(lse_ptr + hq * T + t, lse, mask=mrow)
-    out = acc * (tl.exp2(m_i - lse))[:, None]
-    tl.store(oacc_ptr + (t * HQ + hq)[:, None] * D + offs_d[None, :], out, mask=mrow[:, None] & dmask[None, :])
-
-
-_list_fwd_tuned = triton.autotune(
-    configs=_LIST_CONFIGS, key=["T_BUCKET", "D", "BLOCK_SIZE", "PASS"], prune_configs_by={"early_config_prune": _prune}
-)(_list_fwd_kernel)
-
-
-def tuned_config_kwargs(tuned, fallback: triton.Config) -> dict:
-    """Launch kwargs (tile sizes, warps, stages) of an autotuner's last chosen config."""
-    cfg = getattr(tuned, "best_config", None) or fallback
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tl.store(o_ptr + t[:, None] * stride_ot + hq * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=mrow[:, None] & dmask[None, :])
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -212,56 +216,60 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def list_grid_args(lists: dict) -> dict:
-    return dict(entries_ptr=lists["entries"], list_ptr=lists["list_ptr"], tile_list_ptr=lists["tile_list"],
-                tile_first_ptr=lists["tile_first"])
+def head_chunks(n_route_heads: int, per_head_bytes: int, budget_bytes: int):
+    """Split routing heads into chunks whose partial buffers fit ``budget_bytes`` (at least one head each)."""
+    hc = max(1, min(n_route_heads, budget_bytes // max(per_head_bytes, 1)))
+    return [(h, min(h + hc, n_route_heads)) for h in range(0, n_route_heads, hc)]
 
 
-def moba_fwd(q, k, v, layout: dict, lists: dict | None, top_k: int, block_size: int, softmax_scale: float,
-             group_routing: bool):
-    """Forward of MoBA attention given the routing.
+def moba_fwd(q, k, v, layout: dict, sel: torch.Tensor, lists: dict | None, top_k: int, block_size: int,
+             softmax_scale: float, group_routing: bool, o: torch.Tensor, budget_bytes: int):
+    """Forward of MoBA attention for the queries of sparse blocks, given the routing.
 
     Args:
-        q: (T, HQ, D); k, v: (T, HKV, D); layout: ``routing.block_layout``; lists: ``build_block_lists``
-        (None when ``top_k == 1``).
+        q: (T, HQ, D); k, v: (T, HKV, D); layout: ``routing.block_layout``; sel: ``routing.route_topk``;
+        lists: ``routing.build_block_lists`` (None when ``top_k == 1``); o: (T, HQ, D) output buffer
+        whose rows of sparse blocks are written; budget_bytes: bound of the partial buffers.
     Returns:
-        o (T, HQ, D) in q's dtype and lse fp32 (HQ, T) (base 2, of ``s * softmax_scale * log2(e)``).
+        lse fp32 (HQ, T) (base 2, of ``s * softmax_scale * log2(e)``), set on the rows of sparse blocks.
     """
     T, HQ, D = q.shape
     HKV = k.shape[1]
+    G = HQ // HKV
     ksel = top_k - 1
     nb = layout["NB"]
     qk_scale = softmax_scale * LOG2E
     dev = q.device
-    common = dict(
-        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1), T=T, qk_scale=qk_scale,
-        T_BUCKET=triton.next_power_of_2(max(T, 1)), HQ=HQ, G=HQ // HKV, KSEL=ksel, D=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size, DOT_PREC=dot_precision(q.dtype),
-    )
     lse = torch.empty((HQ, T), device=dev, dtype=torch.float32)
-    oacc = torch.empty((T, HQ, D), device=dev, dtype=torch.float32)
-    lse_part = None
-    if ksel > 0:
-        lse_part = torch.full((HQ, T, ksel), float("-inf"), device=dev, dtype=torch.float32)
-        hr = HKV if group_routing else HQ
-        lgrid = (lists["max_tiles"],)
-        largs = dict(q_ptr=q, k_ptr=k, v_ptr=v, lse_part_ptr=lse_part, lse_ptr=lse, oacc_ptr=oacc,
-                     block_start_ptr=layout["block_start"], NB=nb, NL=hr * nb, GROUP=group_routing,
-                     NHEADS=HQ // HKV if group_routing else 1,
-                     BLOCK_M=lists["tile_m"], **list_grid_args(lists), **common)
-        _list_fwd_tuned[lgrid](PASS=1, **largs)
-    grid = lambda meta: (nb * triton.cdiv(block_size, meta["BLOCK_M"]), HQ)
-    _diag_fwd_kernel[grid](
-        q_ptr=q, k_ptr=k, v_ptr=v, lse_part_ptr=lse_part if lse_part is not None else lse, lse_ptr=lse,
-        oacc_ptr=oacc, block_start_ptr=layout["block_start"], block_len_ptr=layout["block_len"],
-        KPAD=max(2, triton.next_power_of_2(max(ksel, 1))), **common,
-    )
-    if ksel > 0:
-        # pass 2 adds atomically: never autotuned (a rerun would add twice); it reuses pass 1's config
-        _list_fwd_kernel[lgrid](PASS=2, **largs, **tuned_config_kwargs(_list_fwd_tuned, _LIST_CONFIGS[0]))
-    return oacc.to(q.dtype), lse
-
-
-def default_scale(D: int) -> float:
-    return 1.0 / math.sqrt(D)
+    if layout["NS"] == 0:
+        return lse
+    strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+                   stride_vt=v.stride(0), stride_vh=v.stride(1))
+    const = dict(T=T, qk_scale=qk_scale, G=G, GROUP=group_routing, KSEL=ksel, D=D,
+                 BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size, DOT_PREC=dot_precision(q.dtype))
+    nh = G if group_routing else 1  # query heads per routing head
+    hr_total = HKV if group_routing else HQ
+    chunks = head_chunks(hr_total, nh * T * ksel * D * q.element_size(), budget_bytes)
+    ccfg = kernel_config("combine_fwd", block_size, D, q.dtype)
+    lcfg = kernel_config("list_fwd", block_size, D, q.dtype)
+    for h0, h1 in chunks:
+        hq0, nhq = h0 * nh, (h1 - h0) * nh
+        if ksel:
+            opart = torch.empty((nhq, T, ksel, D), device=dev, dtype=q.dtype)
+            lpart = torch.empty((nhq, T, ksel), device=dev, dtype=torch.float32)
+            assert lists["tile_m"] == lcfg["BLOCK_M"]
+            bound = triton.cdiv(T * (h1 - h0) * ksel, lists["tile_m"]) + (h1 - h0) * nb
+            _list_fwd_kernel[(bound,)](
+                q, k, v, opart, lpart, lists["entries"], lists["list_ptr"], lists["tile_list"], lists["tile_first"],
+                layout["block_start"], NB=nb, LIST0=h0 * nb, LIST1=h1 * nb, HQ0=hq0, NHEADS=nh,
+                **strides, **const, **lcfg,
+            )
+        else:
+            opart = lpart = lse  # unused
+        grid = (layout["NS"] * triton.cdiv(block_size, ccfg["BLOCK_M"]), nhq)
+        _combine_fwd_kernel[grid](
+            q, k, v, o, lse, opart, lpart, sel if ksel else lse, layout["block_start"], layout["block_len"],
+            layout["sparse_blocks"],
+            stride_ot=o.stride(0), stride_oh=o.stride(1), HQ0=hq0, **strides, **const, **ccfg,
+        )
+    return lse

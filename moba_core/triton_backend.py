@@ -1,52 +1,152 @@
-"""The Triton backend of ``moba_attention``: routing + block-sparse attention kernels from ``kernels``.
+"""The Triton backend of ``moba_attention``: dense FlashAttention where MoBA is dense, Triton kernels elsewhere.
 
-Routing (block mean-pool, fp32 scores, top-(k-1), key-block-major lists) runs once in the forward and
-its lists are reused by the backward; the gate gets no gradient (MoBA, arXiv 2502.13189, Sec. 2.2).
-Head dims above 128 fall back to the ``flash`` backend.
+Split of the work (exact, MoBA paper arXiv 2502.13189 Sec. 2.2):
+    * A query in one of the first ``top_k`` blocks of its document has at most ``top_k - 1`` earlier
+      blocks, so MoBA selects them all and the query attends its whole causal prefix: the first
+      ``min(len, top_k * block_size)`` tokens of every document are plain causal attention. They run
+      through PyTorch's SDPA (documents of equal length: strided views, no copy) or varlen
+      FlashAttention (``moba_core.flash.varlen_causal_attention``, rows gathered), the fastest dense
+      kernels the machine has. A document no longer than ``top_k * block_size`` is entirely dense.
+    * Every other query (a "sparse block") goes through the kernels of ``kernels``: routing (block
+      mean-pool, fp32 scores, top-(k-1), key-block-major lists), a one-pass forward with per-(query,
+      slot) partials merged with the current-block part by LSE, and a backward without atomics.
+    The two query sets are disjoint, so each query's output comes from one part; the key gradients add.
+The gate gets no gradient. Head dims above 128 fall back to the ``flash`` backend.
+``MOBA_DENSE_PATH=0`` routes every block through the Triton kernels (for tests of the kernels alone).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from kernels.attention_bwd import moba_bwd
-from kernels.attention_fwd import moba_fwd
+from kernels.attention_fwd import kernel_config, moba_fwd
 from kernels.routing import block_layout, block_means, build_block_lists, route_topk
 
+from .flash import varlen_causal_attention
+
 MAX_HEAD_DIM = 128
-LIST_TILE_M = int(os.environ.get("MOBA_LIST_TILE_M", "64"))  # queries per program of the list kernels
 
 
-def moba_routing(q, k, cu_seqlens, block_size: int, top_k: int, group_routing: bool):
-    """Routing tables for the kernels: (layout, lists or None when ``top_k == 1``). No host sync."""
-    layout = block_layout(cu_seqlens, q.shape[0], block_size)
-    if top_k == 1:
-        return layout, None
-    means = block_means(k, layout)
-    sel = route_topk(q, means, layout, top_k, group_routing)
-    del means
-    return layout, build_block_lists(sel, layout["NB"], LIST_TILE_M)
+def dense_path_enabled() -> bool:
+    """Whether the dense prefixes run through FlashAttention (``MOBA_DENSE_PATH=0`` turns it off)."""
+    return os.environ.get("MOBA_DENSE_PATH", "1") != "0"
+
+
+@functools.lru_cache(maxsize=32)
+def cached_layout(lens: tuple, block_size: int, dense_blocks: int, device: torch.device) -> dict:
+    """``kernels.routing.block_layout`` plus the row index of the dense prefixes, cached per batch shape
+    (every layer of every step with the same packing reuses it: no host work, no copy)."""
+    layout = block_layout(list(lens), block_size, dense_blocks, device)
+    segs = layout["dense_segments"]
+    layout["uniform"] = len(set(lens)) == 1 and len(segs) == len(lens)
+    if segs and not layout["uniform"]:
+        layout["dense_idx"] = torch.cat([torch.arange(s, s + n) for s, n in segs]).to(device)
+        layout["dense_cu"] = torch.tensor([0, *itertools.accumulate(n for _, n in segs)], dtype=torch.int32,
+                                          device=device)
+        layout["dense_max"] = max(n for _, n in segs)
+    return layout
+
+
+def moba_routing(q, k, lens, block_size: int, top_k: int, group_routing: bool, dense_blocks: int):
+    """Routing tables for the kernels: (layout, sel, lists or None). No host sync."""
+    layout = cached_layout(tuple(lens), block_size, dense_blocks, q.device)
+    sel = route_topk(q, block_means(k, layout), layout, top_k, block_size, group_routing)
+    lists = None
+    if top_k > 1 and layout["NS"]:
+        tile_m = kernel_config("list_fwd", block_size, q.shape[-1], q.dtype)["BLOCK_M"]
+        lists = build_block_lists(sel, layout["NB"], tile_m)
+    return layout, sel, lists
+
+
+class _DenseRows:
+    """The dense prefixes of all documents as one causal attention, with its own small autograd graph.
+
+    Documents of equal length use SDPA on strided views of q, k, v; otherwise the prefix rows are gathered
+    and run through varlen FlashAttention. ``forward`` writes the output rows into ``o``; ``backward``
+    writes dq rows and adds into dk, dv.
+    """
+
+    def __init__(self, q, k, v, lens, layout, scale, build_graph):
+        self.n, self.L = len(lens), lens[0]
+        self.uniform = layout["uniform"]
+        self.P = layout["dense_segments"][0][1]
+        if not self.uniform:
+            self.idx, self.cu, self.max_p = layout["dense_idx"], layout["dense_cu"], layout["dense_max"]
+        self.scale, self.gqa = scale, q.shape[1] != k.shape[1]
+        with torch.set_grad_enabled(build_graph):
+            self.leaves = [self._rows(x).detach().requires_grad_(build_graph) for x in (q, k, v)]
+            self.out = self._attend(*self.leaves)
+
+    def _rows(self, x):
+        if self.uniform:  # (n, H, P, D) strided view
+            return x.unflatten(0, (self.n, self.L))[:, : self.P].transpose(1, 2)
+        return x[self.idx]
+
+    def _attend(self, q, k, v):
+        if self.uniform:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+        return varlen_causal_attention(q, k, v, self.cu, self.max_p, softmax_scale=self.scale)
+
+    def write(self, dst, src, add=False):
+        if self.uniform:
+            view = dst.unflatten(0, (self.n, self.L))[:, : self.P]
+            view.add_(src.transpose(1, 2)) if add else view.copy_(src.transpose(1, 2))
+        elif add:
+            dst.index_add_(0, self.idx, src.to(dst.dtype))
+        else:
+            dst.index_copy_(0, self.idx, src.to(dst.dtype))
+
+    def backward(self, do, dq, dk, dv):
+        gq, gk, gv = torch.autograd.grad(self.out, self.leaves, self._rows(do))
+        self.write(dq, gq)
+        self.write(dk, gk, add=True)
+        self.write(dv, gv, add=True)
+
+
+def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing, build_graph):
+    """Both parts of the forward; returns (o, state for the backward)."""
+    dense_blocks = top_k if dense_path_enabled() else 0
+    T, HQ, D = q.shape
+    o = torch.empty((T, HQ, D), device=q.device, dtype=q.dtype)
+    budget = max(q.numel() * q.element_size(), 64 << 20)
+    layout, sel, lists = moba_routing(q, k, lens, block_size, top_k, group_routing, dense_blocks)
+    lse = moba_fwd(q, k, v, layout, sel, lists, top_k, block_size, scale, group_routing, o, budget)
+    dense = None
+    if layout["dense_segments"]:
+        dense = _DenseRows(q, k, v, lens, layout, scale, build_graph)
+        dense.write(o, dense.out.detach())
+    return o, (layout, sel, lists, lse, dense, dense_blocks, budget)
 
 
 class _TritonMoBA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, block_size, top_k, scale, group_routing):
-        layout, lists = moba_routing(q, k, cu_seqlens, block_size, top_k, group_routing)
-        o, lse = moba_fwd(q, k, v, layout, lists, top_k, block_size, scale, group_routing)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.tables = (layout, lists)
+    def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing):
+        o, state = _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing, build_graph=True)
+        ctx.save_for_backward(q, k, v, o)
+        ctx.state = state
         ctx.args = (top_k, block_size, scale, group_routing)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        layout, lists = ctx.tables
+        q, k, v, o = ctx.saved_tensors
+        layout, sel, lists, lse, dense, dense_blocks, budget = ctx.state
         top_k, block_size, scale, group_routing = ctx.args
-        dq, dk, dv = moba_bwd(do, q, k, v, o, lse, layout, lists, top_k, block_size, scale, group_routing)
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+        dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+        moba_bwd(do, q, k, v, o, lse, layout, sel, lists, top_k, block_size, scale, group_routing, dense_blocks,
+                 dq, dk, dv, budget)
+        if dense is not None:
+            dense.backward(do, dq, dk, dv)
+        ctx.state = None
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -58,7 +158,7 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
         q: (T, HQ, D); k, v: (T, HKV, D); fp16 / bf16 / fp32; any strides. cu_seqlens int32 (docs + 1,).
     Returns:
         o: (T, HQ, D) in q's dtype, differentiable in q, k, v.
-    Head dims above 128 run the ``flash`` backend instead (same semantics).
+    Head dims above 128 run the ``flash`` backend instead (same semantics). Reads ``cu_seqlens`` on the host.
     """
     D = q.shape[-1]
     if D > MAX_HEAD_DIM:
@@ -69,4 +169,18 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
-    return _TritonMoBA.apply(q, k, v, cu_seqlens, block_size, top_k, scale, group_routing)
+    cu = cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if dense_path_enabled():
+        layout = cached_layout(tuple(lens), block_size, top_k, q.device)
+        if layout["NS"] == 0:  # every document fits in top_k blocks: MoBA is causal attention, exactly
+            if not layout["uniform"]:
+                return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale)
+            n, L = len(lens), lens[0]
+            qs, ks, vs = (x.unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                               enable_gqa=k.shape[1] != q.shape[1])
+            return o.transpose(1, 2).reshape(q.shape)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _TritonMoBA.apply(q, k, v, lens, block_size, top_k, scale, group_routing)
+    return _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing, build_graph=False)[0]

@@ -12,9 +12,9 @@ ALLOWED = {
     "data": set(),
     "train": {"moba_core", "data", "kernels"},
 }
-# The kernel benchmark is a script that times the public API's backends side by side (DESIGN.md puts it in
-# kernels/); nothing imports it, so it may reach up to moba_core.
-EXEMPT = {"kernels/bench.py"}
+
+
+EXEMPT: set[str] = set()
 FORBIDDEN_THIRD_PARTY = {"kernels": {"hydra", "deepspeed", "transformers"}, "moba_core": {"hydra", "deepspeed"},
                          "data": {"hydra", "deepspeed"}}
 

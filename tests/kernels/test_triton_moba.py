@@ -142,13 +142,13 @@ def test_poisoned_buffers(monkeypatch):
 def test_routing_selection_matches_definition():
     for group in (False, True):
         q, k, v, do, cu, ms = make_inputs([0, 150, 9, 97], 6, 3, 64, torch.float32, seed=1)
-        layout = kernels.block_layout(cu, q.shape[0], 16)
-        sel = kernels.route_topk(q, kernels.block_means(k, layout), layout, 4, group)
+        lens = (cu[1:] - cu[:-1]).tolist()
+        layout = kernels.block_layout(lens, 16, 0, q.device)
+        sel = kernels.route_topk(q, kernels.block_means(k, layout), layout, 4, 16, group)
         want = ref_selection(q, k, cu, 16, 4, group)
-        doc_first_block = {}
-        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            for t in range(s, e):
-                doc_first_block[t] = int(layout["cand_lo"][t])
+        starts, lens_l = layout["block_start"].tolist(), layout["block_len"].tolist()
+        first = layout["block_first"].tolist()
+        doc_first_block = {t: first[b] for b in range(layout["NB"]) for t in range(starts[b], starts[b] + lens_l[b])}
         got_count = 0
         for (h, t), blocks in want.items():
             got = {b - doc_first_block[t] for b in sel[h, t].tolist() if b >= 0}
@@ -159,8 +159,8 @@ def test_routing_selection_matches_definition():
 
 def test_key_block_lists_are_sorted_inverse_of_selection():
     q, k, v, do, cu, ms = make_inputs([150, 60], 2, 2, 64, torch.float32, seed=2)
-    layout = kernels.block_layout(cu, q.shape[0], 16)
-    sel = kernels.route_topk(q, kernels.block_means(k, layout), layout, 3, False)
+    layout = kernels.block_layout((cu[1:] - cu[:-1]).tolist(), 16, 0, q.device)
+    sel = kernels.route_topk(q, kernels.block_means(k, layout), layout, 3, 16, False)
     lists = kernels.build_block_lists(sel, layout["NB"], 64)
     nb, T = layout["NB"], q.shape[0]
     ptr = lists["list_ptr"].tolist()
