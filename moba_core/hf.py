@@ -10,9 +10,9 @@ scaling=..., dropout=..., **kwargs)`` with query (B, H_q, T, D) and key / value 
 expanded for GQA. Packed documents arrive as the flash-attention keyword arguments the model was called
 with (``cu_seq_lens_q``, ``max_length_q``): every document is attended on its own in both MoBA and full
 layers. Without them, documents are where ``position_ids`` restart at 0 (transformers' padding-free
-convention, as its flash-attention path reads them), and each batch row is at least one sequence. A 2-D padding ``attention_mask`` is not used by
-this implementation (transformers builds none for custom functions): express padding as its own
-document in ``cu_seqlens`` instead.
+convention, as its flash-attention path reads them), and each batch row is at least one sequence. A 2-D
+padding ``attention_mask`` is not used by this implementation (transformers builds none for custom
+functions): express padding as its own document in ``cu_seqlens`` instead.
 """
 
 from __future__ import annotations

@@ -22,9 +22,18 @@ from . import data_identity
 from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
 from .metrics import MetricsLogger
-from .model import PackedCausalLM, attended_keys, build_model, count_params, model_shape, peak_flops, step_flops
+from .model import (
+    IGNORE_INDEX,
+    PackedCausalLM,
+    attended_keys,
+    build_model,
+    count_params,
+    model_shape,
+    peak_flops,
+    step_flops,
+)
 from .preemption import PreemptionFlag
-from .sequence_parallel import group_sum, init_sp_groups, shard_batch, sp_attention
+from .sequence_parallel import init_sp_groups, shard_batch, sp_attention
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,19 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def loss_scale(shards: list[dict], grad_accum: int, info: DistInfo) -> float:
+    """The factor on each micro-batch's summed token loss that makes the step's gradient that of the mean
+    over all valid tokens of the step, whatever its split into micro-batches, data-parallel and
+    sequence-parallel ranks: ``grad_accum * dp_size / N``, N = the step's valid labels counted on every
+    rank (``shards``: this rank's micro-batches, after sequence sharding) and summed over all ranks.
+    DeepSpeed divides the loss by ``grad_accum`` in ``backward`` and averages gradients over the
+    data-parallel ranks (summing over the sequence-parallel ones); the factor undoes both exactly.
+    Collective: every rank calls it once per step."""
+    local = sum(float((b["labels"] != IGNORE_INDEX).sum()) for b in shards)
+    (n_step,) = _all_reduce_sum([local], info.device)
+    return grad_accum * info.dp_size / max(n_step, 1.0)
 
 
 def unsharded_grad_norm(engine, zero_stage: int) -> float | None:
@@ -225,12 +247,12 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         n_moba = set_moba_layers(lm, moba_layer_ids if active else [])
         t0 = time.perf_counter()
         loss_sum, n_valid, n_tok, flops = 0.0, 0.0, 0, 0.0
-        for _ in range(cfg.train.grad_accum):
-            full = next(train_iter)
-            b = to_device(shard_batch(full, info.sp_rank, info.sp_size), info.device)
+        fulls = [next(train_iter) for _ in range(cfg.train.grad_accum)]  # the whole step's micro-batches
+        shards = [to_device(shard_batch(full, info.sp_rank, info.sp_size), info.device) for full in fulls]
+        scale = loss_scale(shards, cfg.train.grad_accum, info)
+        for full, b in zip(fulls, shards):
             ls, nv = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
-            # Mean over the valid tokens of the whole sequence (all sp ranks), not of this shard.
-            engine.backward(ls / group_sum(nv, sp_group).clamp_min(1))
+            engine.backward(ls * scale)
             if engine.is_gradient_accumulation_boundary():
                 pre_clip_norm = unsharded_grad_norm(engine, cfg.parallel.zero_stage)
             engine.step()

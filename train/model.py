@@ -141,14 +141,17 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     hidden: (T, Hd); weight: (V, Hd) LM head; labels: (T,) int64 with -100 = ignore. Each chunk of
     ``chunk`` tokens computes its fp32 logits under activation checkpointing, so peak memory is
-    chunk x V. A chunk without valid labels adds exactly 0 (never NaN). Returns a 0-dim fp32 sum.
+    chunk x V. A chunk without valid labels adds exactly 0 (never NaN). Returns a 0-dim fp32 sum, connected
+    to ``hidden``'s graph even when no label is valid.
     """
 
     def part(h, y):
         logits = F.linear(h, weight).float()
         return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # 0, yet part of the graph: a rank whose tokens have no valid label (a padding-only sequence-parallel
+    # shard) still runs backward, which the other ranks need for the all-to-alls in attention.
+    total = hidden[:0].float().sum()
     for s in range(0, hidden.shape[0], chunk):
         h, y = hidden[s : s + chunk], labels[s : s + chunk]
         if not bool((y != IGNORE_INDEX).any()):

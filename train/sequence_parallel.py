@@ -9,9 +9,11 @@ all-to-all returns ``(B, T/sp, H, D)``. So documents never attend to each other 
 wrappers that rebuild the mask as plain causal. Per-head routing is local to a head; group routing stays
 exact because a KV head and its query heads land on the same rank (contiguous head split).
 
-Loss: each rank sums the token losses of its shard and divides by the valid-token count of the whole
-sp group; DeepSpeed sums gradients over the group and averages over data-parallel ranks (its
-``sequence_parallel_size`` accounting), so the gradient equals that of the unsharded loss.
+Loss: each rank sums the token losses of its shard; the loop divides that sum by the valid-token count
+of the whole optimizer step (all micro-batches, all ranks) and multiplies by ``grad_accum * dp_size``,
+since DeepSpeed divides by ``grad_accum`` and sums gradients over the sp group while averaging over
+data-parallel ranks (its ``sequence_parallel_size`` accounting). So the step's gradient is that of the
+mean over all its valid tokens, whatever ``sp_size`` (``train.loop.loss_scale``).
 """
 
 from __future__ import annotations

@@ -46,12 +46,16 @@ def read_metrics(run_dir):
 
 
 WORDS = "alpha beta gamma delta import return class lambda yield async await def self none".split()
-DOC_WORDS = [70, 260, 95, 180, 120, 300, 85, 210, 150, 240, 110, 60]  # documents of unequal length
+# Words per document: training documents of unequal lengths (about 50 to 220 tokens), and two longer
+# ones whose names hash into the validation split (data.corpus.split_indices), so that two data-parallel
+# ranks each get a validation sample under data.packing=pad.
+DOC_WORDS = {**{f"doc{i:02d}.txt": n for i, n in enumerate([25, 80, 45, 60, 90, 30, 70, 50, 85, 40, 20, 65])},
+             "doc74.txt": 180, "doc115.txt": 150}
 
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
-    """A directory of 12 short text documents of unequal lengths, with its own data cache already built
+    """A directory of 14 short text documents of unequal lengths, with its own data cache already built
     (tokenizer trained): ``(corpus dir, cache dir, tokenizer)``. Runs use it with ``small_data_args``."""
     import random
 
@@ -59,10 +63,12 @@ def small_corpus(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("small_corpus")
     rng = random.Random(0)
-    for i, n in enumerate(DOC_WORDS):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(n)) + "\n")
+    for name, n in DOC_WORDS.items():
+        (root / name).write_text(" ".join(rng.choice(WORDS) for _ in range(n)) + "\n")
     cache = tmp_path_factory.mktemp("small_cache")
     _, tok = build_data(path=str(root), vocab_size=1024, seq_len=256, cache_dir=cache)
+    val, _ = build_data(path=str(root), vocab_size=1024, seq_len=256, split="val", cache_dir=cache)
+    assert val.meta["num_docs"] == 2
     return root, cache, tok
 
 
