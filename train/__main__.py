@@ -16,8 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig, check_known_keys, from_checkpoint_unless_overridden, register_configs
+from .distributed import quiet_deepspeed
+from .rundir import claim_run_dir, register_resolvers
 
 register_configs()
+register_resolvers()  # ${launch_time:...} in hydra.run.dir: the same directory on every rank
 log = logging.getLogger("train")
 
 
@@ -49,9 +52,12 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Ru
 def main(cfg: DictConfig) -> float | None:
     run_cfg = to_run_config(cfg, list(HydraConfig.get().overrides.task))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet_deepspeed(run_cfg.device)  # before train.loop imports deepspeed
     from .loop import run
 
-    result = run(run_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    # One launch at a time owns the run directory (and every rank has the same one): train/rundir.py.
+    with claim_run_dir(run_dir, Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else None):
+        result = run(run_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
     return result.get("val_loss")  # what a Hydra sweeper would optimise
 
 

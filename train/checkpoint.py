@@ -6,7 +6,9 @@ Layout under the checkpoint dir (``checkpoint.dir``, default ``<run dir>/checkpo
     latest                    the newest complete tag, written by DeepSpeed after the tag is saved
 
 A run killed while saving leaves ``latest`` pointing at the previous complete tag. Older tags are
-removed only after a new one is complete (``checkpoint.keep``).
+removed only after a new one is complete (``checkpoint.keep``). Each tag's ``manifest.json`` (written last,
+before ``latest``) lists the size of every file; on resume a tag whose files are missing or of another size
+(truncated on disk) is skipped with a warning naming the file, for the newest earlier tag that is complete.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +61,77 @@ def list_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=step_of)
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint: the tag named by ``ckpt_dir/latest``, or, when that file is missing
-    or names a folder that is gone, the newest tag whose rank-0 RNG file (written after the engine state)
-    exists. None when there is none."""
-    f = ckpt_dir / "latest"
-    if f.is_file():
-        tag = f.read_text().strip()
-        if (ckpt_dir / tag).is_dir():
-            return tag
-    complete = [t for t in list_tags(ckpt_dir) if (ckpt_dir / t / "rng_rank0.pt").is_file()]
-    if complete:
-        log.warning("%s names no complete checkpoint; using the newest complete one, %s", f, complete[-1])
-        return complete[-1]
+MANIFEST = "manifest.json"
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """Record the size of every file of a saved tag (``manifest.json``), so a truncated file is found."""
+    sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    tmp = tag_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(sizes, indent=1))
+    tmp.replace(tag_dir / MANIFEST)
+
+
+def tag_problem(tag_dir: Path) -> str | None:
+    """Why the checkpoint ``tag_dir`` cannot be loaded, naming the file (None when it looks complete): a file
+    of its manifest missing or of another size, or (a tag saved before manifests) a ``.pt`` file that is not
+    a complete torch archive, or no rank-0 RNG file."""
+    manifest = tag_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text())
+        except ValueError:
+            return f"{manifest} is not valid JSON"
+        for name, size in sizes.items():
+            f = tag_dir / name
+            if not f.is_file():
+                return f"{f} is missing"
+            if f.stat().st_size != size:
+                return f"{f} has {f.stat().st_size} bytes, {size} when saved (truncated?)"
+    elif not (tag_dir / "rng_rank0.pt").is_file():
+        return f"{tag_dir / 'rng_rank0.pt'} is missing (the save did not finish)"
+    for f in sorted(tag_dir.rglob("*.pt")):
+        if not zipfile.is_zipfile(f):  # torch.save writes a zip archive; a cut-off one has no directory
+            return f"{f} is not a complete torch file (truncated?)"
     return None
 
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint: the tag named by ``ckpt_dir/latest`` (or, when that file is missing or
+    names a folder that is gone, the newest tag), else the newest earlier tag, skipping with a warning each
+    tag whose files are missing or truncated (``tag_problem``). None when there is no checkpoint.
+
+    Raises:
+        ValueError: the directory holds checkpoints that were completely saved but none can be loaded now,
+            naming the file of each (rather than silently starting from scratch).
+    """
+    tags = list_tags(ckpt_dir)
+    f = ckpt_dir / "latest"
+    named = f.read_text().strip() if f.is_file() else None
+    if named in tags:  # tags after it are saves that did not finish
+        candidates = [t for t in tags if step_of(t) <= step_of(named)]
+    else:
+        if tags:
+            log.warning("%s names no checkpoint; looking for the newest complete one", f)
+        candidates = tags
+    problems = []
+    for tag in reversed(candidates):
+        problem = tag_problem(ckpt_dir / tag)
+        if problem is None:
+            if problems:
+                log.warning("falling back to checkpoint %s", ckpt_dir / tag)
+            return tag
+        saved = tag == named or (ckpt_dir / tag / MANIFEST).is_file()
+        if saved:
+            log.warning("checkpoint %s cannot be loaded: %s", ckpt_dir / tag, problem)
+        problems.append((tag, problem, saved))
+    if any(saved for _, _, saved in problems):
+        raise ValueError(
+            f"no loadable checkpoint in {ckpt_dir}: " + "; ".join(p for _, p, _ in problems)
+            + ". Restore the files, or start fresh in another hydra.run.dir / checkpoint.dir"
+        )
+    return None
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, rank: int, run_config: dict) -> Path:
@@ -85,6 +144,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, rank:
         dist.barrier()
     if rank == 0:
         (ckpt_dir / tag / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        write_manifest(ckpt_dir / tag)  # every rank's files are written (barrier above)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         tmp.replace(ckpt_dir / "latest")  # atomic: the new tag counts only once it is complete
@@ -103,12 +163,14 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     a checkpoint dir (its ``latest``) or a tag dir inside one.
 
     Raises:
-        ValueError: ``resume`` is a path without a checkpoint.
+        ValueError: ``resume`` is a path without a checkpoint, or names a tag that cannot be loaded (a file
+            missing or truncated); ``latest_tag``'s error when no saved checkpoint can be loaded.
     """
     if resume == "none":
-        if latest_tag(ckpt_dir):
+        tag = latest_tag(ckpt_dir)
+        if tag:
             raise ValueError(
-                f"resume=none but {ckpt_dir} already holds checkpoints (newest {latest_tag(ckpt_dir)}): use "
+                f"resume=none but {ckpt_dir} already holds checkpoints (newest {tag}): use "
                 "resume=auto to continue them, or another hydra.run.dir / checkpoint.dir to start fresh"
             )
         return None
@@ -116,9 +178,14 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         tag = latest_tag(ckpt_dir)
         return (ckpt_dir, tag) if tag else None
     p = Path(resume)
-    if (p / "latest").is_file() and latest_tag(p):
-        return p, latest_tag(p)
+    if (p / "latest").is_file():
+        tag = latest_tag(p)
+        if tag:
+            return p, tag
     if p.is_dir() and TAG_RE.match(p.name):
+        problem = tag_problem(p)
+        if problem:
+            raise ValueError(f"resume={resume} cannot be loaded: {problem}")
         return p.parent, p.name
     raise ValueError(f"resume={resume!r} is neither auto, none, nor a checkpoint directory")
 

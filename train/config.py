@@ -9,14 +9,17 @@ raise ``ValueError`` naming the override to change, before any model, data or GP
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moba_core import MoBAConfig
+from moba_core.attention import triton_available
 from moba_core.schedule import check_schedule, uses_moba
 
 
@@ -256,6 +259,8 @@ class RunConfig:
                 f"data.seq_len={self.data.seq_len} is smaller than moba.block_size={self.moba.block_size}: "
                 "MoBA needs at least one block per sequence"
             )
+        if moba_runs and self.moba.backend == "triton":
+            self.check_triton_usable()
         sp = self.parallel.sp_size
         if world_size % sp:
             raise ValueError(f"world size {world_size} must be divisible by parallel.sp_size={sp}")
@@ -271,6 +276,21 @@ class RunConfig:
                 raise ValueError(f"moba.full_attn_layers={f} asks for more full layers than the model's {layers}")
             if moba_runs:
                 self.moba.to_moba_config().moba_layers(layers)  # raises on an index outside the model
+
+    def check_triton_usable(self) -> None:
+        """``moba.backend=triton`` runs our Triton kernels: it needs Triton and a CUDA device (on a CPU only
+        under the slow ``TRITON_INTERPRET=1``, as ``moba_core`` allows).
+
+        Raises:
+            ValueError: naming ``moba.backend`` and ``device``.
+        """
+        on_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        if not triton_available():
+            raise ValueError("moba.backend=triton but Triton is not installed: use moba.backend=flash (or auto)")
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            where = "device=cpu" if self.device == "cpu" else f"device={self.device} finds no CUDA device"
+            raise ValueError(f"moba.backend=triton needs a CUDA device but {where}: use moba.backend=flash "
+                             "(or auto) on a CPU")
 
 
 def check_known_keys(cfg: DictConfig | dict, schema: type = RunConfig, prefix: str = "") -> None:

@@ -6,8 +6,12 @@ convention); data-parallel rank = rank // sp.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +76,29 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def quiet_deepspeed(requested_device: str) -> None:
+    """Keep DeepSpeed's start-up chatter out of every launch's log, hiding no error. Call before deepspeed is
+    first imported: on a CPU it sets ``DS_ACCELERATOR=cpu`` (else DeepSpeed warns that it fell back to the
+    CPU), and the compile-and-link probes of DeepSpeed's op builders (the ``compilers.*`` loggers) print at
+    INFO only; their warnings and errors still show. ``init_distributed`` drops DeepSpeed's "built
+    successfully" line."""
+    if requested_device == "cpu" or (requested_device == "auto" and not torch.cuda.is_available()):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("compilers").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _drop_stdout_lines(marker: str):
+    """Swallow stdout lines containing ``marker`` (DeepSpeed prints its op builds); pass the rest through."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        kept = [ln for ln in buf.getvalue().splitlines(keepends=True) if marker not in ln]
+        sys.stdout.write("".join(kept))
+
+
 def init_distributed(requested_device: str, sp_size: int) -> DistInfo:
     """Start torch.distributed (gloo on CPU, nccl on GPU) through DeepSpeed; works without a launcher.
 
@@ -91,7 +118,8 @@ def init_distributed(requested_device: str, sp_size: int) -> DistInfo:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="gloo" if device.type == "cpu" else "nccl", auto_mpi_discovery=False
-        )
+        with _drop_stdout_lines("built successfully"):  # the shared-memory op DeepSpeed builds on a CPU
+            deepspeed.init_distributed(
+                dist_backend="gloo" if device.type == "cpu" else "nccl", auto_mpi_discovery=False
+            )
     return DistInfo(rank=rank, world_size=world, local_rank=local, sp_size=sp_size, device=device)

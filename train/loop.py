@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .model import (
     step_flops,
 )
 from .preemption import PreemptionFlag
+from .rundir import check_same_run_dir, record_config
 from .sequence_parallel import init_sp_groups, shard_batch, sp_attention
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     data_identity.check_corpus_unchanged(saved_data, cfg.data.path)
     tokenizer_spec = data_identity.tokenizer_spec(cfg.data.tokenizer, cfg.model.name_or_path, saved_data)
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
+    check_same_run_dir(run_dir)  # every rank writes into rank 0's run directory
     mpu = sp_group = None
     if info.sp_size > 1:
         mpu = init_sp_groups(info.sp_size)
@@ -219,8 +222,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             log.info("resumed from %s at step %d (%d tokens seen)", resume[0] / resume[1], step, tokens)
     elif info.is_main:
         log.info("starting from scratch (no checkpoint in %s)", ckpt_dir)
-    if info.is_main:
-        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2))
+    if info.is_main:  # config.json, config-history/, and the settings changed since the checkpoint
+        record_config(run_dir, run_config, resume[0] / resume[1] if resume is not None else None)
     start_step, eval_step, val = step, None, {}
     tail_from = cfg.data.seq_len // 2  # trailing loss: the second half of (long enough) documents
 
@@ -300,36 +303,71 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             preempt.restore()
             metrics.close()
             return {**last, "step": step, "preempted": True}
-    preempt.restore()
 
+    # The final evaluation and HF export. A launch stopped or killed after its last checkpoint left them
+    # undone; this one (resumed at that step) does them. A signal from here on stops before the next of them.
+    need_eval = eval_step != step and not _all_reduce_sum([float(metrics.has_eval(step))], info.device)[0]
+    need_export = cfg.checkpoint.export_hf and exported_step(run_dir / "hf") != step
     if step == start_step and info.is_main:
-        log.info("the checkpoint is at step %d, train.max_steps=%d: nothing to train (raise train.max_steps "
-                 "to continue)", step, cfg.train.max_steps)
-    if eval_step != step and step > start_step:
+        todo = " and ".join(w for w, n in (("the final evaluation", need_eval), ("the HF export", need_export)) if n)
+        log.info("the checkpoint is at step %d, train.max_steps=%d: %s", step, cfg.train.max_steps,
+                 f"doing what the last launch left undone: {todo}" if todo
+                 else "nothing to train (raise train.max_steps to continue)")
+    preempt.phase = "the final evaluation"
+    if need_eval and not preempt.requested(info.device):
         val = evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from)
         metrics.log_eval(step, val)
-    # A run killed after its last checkpoint but before the export gets it on the next launch.
-    if cfg.checkpoint.export_hf and (step > start_step or not (run_dir / "hf" / "config.json").exists()):
-        export_hf(engine, lm, tokenizer, run_dir / "hf", info, cfg.parallel.zero_stage)
+        need_eval = False
+    preempt.phase = "the HF export"
+    if need_export and not preempt.requested(info.device):
+        export_hf(engine, lm, tokenizer, run_dir / "hf", info, cfg.parallel.zero_stage, step)
+        need_export = False
+    preempt.restore()
     metrics.close()
+    if need_eval or need_export:
+        if info.is_main:
+            log.warning("stopped by a signal at step %d before %s; run again to complete it", step,
+                        "the final evaluation" if need_eval else "the HF export")
+        return {**last, "step": step, "preempted": True}
     return {**last, **val, "step": step}
 
 
-def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: int) -> None:
+EXPORT_RECORD = "moba_export.json"  # in the exported folder: the training step it holds
+
+
+def exported_step(out_dir: Path) -> int | None:
+    """The step of the model exported to ``out_dir`` (None when there is no complete export)."""
+    try:
+        return int(json.loads((out_dir / EXPORT_RECORD).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: int, step: int) -> None:
     """Write the model as an HF checkpoint (config + safetensors, and the tokenizer) that
-    ``model.name_or_path`` can load. Collective under ZeRO-3 (parameters are gathered); rank 0 writes."""
+    ``model.name_or_path`` can load, with ``moba_export.json`` naming ``step``. It is written beside
+    ``out_dir`` and renamed into place, so ``out_dir`` is never half written. Collective under ZeRO-3
+    (parameters are gathered); rank 0 writes."""
     import deepspeed
 
     params = list(lm.parameters())
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
     with ctx:
         if info.is_main:
+            tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(tmp, ignore_errors=True)
             attn = lm.config._attn_implementation
             lm.config._attn_implementation = "sdpa"  # the saved model loads without moba_core registered
-            lm.save_pretrained(out_dir, safe_serialization=True)
+            lm.save_pretrained(tmp, safe_serialization=True)
             lm.config._attn_implementation = attn
-            tokenizer.save(out_dir)
-            log.info("exported HF checkpoint to %s", out_dir)
+            tokenizer.save(tmp)
+            (tmp / EXPORT_RECORD).write_text(json.dumps({"step": step}))
+            shutil.rmtree(old, ignore_errors=True)
+            if out_dir.exists():
+                out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("exported HF checkpoint of step %d to %s", step, out_dir)
     if dist.is_initialized():
         dist.barrier()
 

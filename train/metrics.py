@@ -15,8 +15,10 @@ class MetricsLogger:
     """Writes one JSON object per logged step to ``<run dir>/metrics.jsonl`` and to wandb.
 
     On resume, lines of steps after the resumed step (written by the run that died) are dropped from
-    ``metrics.jsonl`` and ``eval.jsonl``, so each file holds each step once. wandb runs offline by default
-    and resumes the same run id.
+    ``metrics.jsonl`` and ``eval.jsonl``, so each file holds each step once; a fresh start (``resumed_step``
+    0: no checkpoint) drops them all, the step-0 evaluation of a run killed before its first checkpoint
+    included. A line that is not JSON (a crash mid-write) is dropped with a warning naming the file. wandb
+    runs offline by default and resumes the same run id.
     """
 
     def __init__(self, run_dir: Path, resumed_step: int, wandb_cfg, config_dict: dict, max_steps: int,
@@ -29,9 +31,15 @@ class MetricsLogger:
             return
         self.eval_path = run_dir / "eval.jsonl"
         for path in (self.path, self.eval_path):  # drop what a killed run wrote after its last checkpoint
+            records = read_records(path)
+            keep = [r for r in records if 0 < resumed_step and r["step"] <= resumed_step]
             if path.exists():
-                keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
-                path.write_text("".join(ln + "\n" for ln in keep))
+                path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            if len(keep) < len(records):
+                log.info("%s: dropped %d lines written after the %s", path, len(records) - len(keep),
+                         f"checkpoint of step {resumed_step}" if resumed_step else "start of a run that never "
+                         "saved a checkpoint")
+        self.eval_steps = {r["step"] for r in read_records(self.eval_path)}
         self.file = self.path.open("a")
         if wandb_cfg.mode != "disabled":
             import wandb
@@ -48,6 +56,10 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, initial=resumed_step, desc="train", dynamic_ncols=True)
+
+    def has_eval(self, step: int) -> bool:
+        """Whether ``eval.jsonl`` holds an evaluation of ``step`` (False on ranks other than 0)."""
+        return self.enabled and step in self.eval_steps
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:
@@ -82,6 +94,7 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in val.items() if v is not None}, step=step)
         with self.eval_path.open("a") as f:
             f.write(json.dumps({"step": step, **val}) + "\n")
+        self.eval_steps.add(step)
 
     def close(self) -> None:
         if not self.enabled:
@@ -91,3 +104,23 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file, one per line. A line that is not a JSON object with a ``step``
+    (a partial last line left by a crash mid-write) is skipped with a warning naming the file and line."""
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no integer step")
+        except ValueError:
+            log.warning("%s line %d is not a complete record (a crash mid-write?); dropping it: %.80r", path, i, line)
+            continue
+        records.append(record)
+    return records

@@ -1,7 +1,10 @@
-"""Save-and-exit on SIGTERM / SIGUSR1: what SLURM (``--signal``, pre-emption, time limit), Kubernetes and
-torchrun send before they kill a job. The handler only sets a flag; the loop checks it after each optimizer
-step (all ranks agree through one all-reduce), writes a checkpoint and returns, so the next launch with
-``resume=auto`` continues from that exact step instead of the last periodic checkpoint."""
+"""Save-and-exit on SIGTERM / SIGUSR1 / SIGINT: what SLURM (``--signal``, pre-emption, time limit),
+Kubernetes and torchrun send before they kill a job, and Ctrl-C. The handler only sets a flag (and says so
+in the log); the loop checks it after each optimizer step (all ranks agree through one all-reduce), writes a
+checkpoint and returns, so the next launch with ``resume=auto`` continues from that exact step instead of
+the last periodic checkpoint. After the last step the flag stays armed through the final evaluation and the
+HF export (``phase``): a signal there stops the launch before the next of them, and the next launch does
+what is left (see ``train.loop.run``)."""
 
 from __future__ import annotations
 
@@ -14,14 +17,16 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1; ``requested(device)`` is collective (every rank must call it)."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT; ``requested(device)`` is collective (every rank must call it).
+    ``phase`` (``"train"`` or a description of the final work under way) words the message on a signal."""
 
     def __init__(self):
         self.hit = False
+        self.phase = "train"
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
@@ -29,7 +34,12 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         if not self.hit:
-            log.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
+            name = signal.Signals(signum).name
+            if self.phase == "train":
+                log.warning("received %s: saving a checkpoint after this step, then stopping", name)
+            else:
+                log.warning("received %s during %s: stopping after it; the next launch does what is left",
+                            name, self.phase)
         self.hit = True
 
     def requested(self, device) -> bool:
