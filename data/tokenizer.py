@@ -235,11 +235,15 @@ def load_tokenizer(
         raise ValueError(f"data.vocab_size={vocab_size} must be an integer >= {MIN_VOCAB_SIZE}")
     key = cache_key("spm", corpus_id, vocab_size, TRAIN_CHARS, CHUNK_CHARS, SPM_SETTINGS)
     model_file = cache_dir / "tokenizer" / f"spm-{key}.model"
-    if model_file.is_file():
-        logger.info("tokenizer: reusing %s", model_file)
-    else:
+    trained = not model_file.is_file()
+    if trained:
         start = time.perf_counter()
         atomic_write_bytes(model_file, train_sentencepiece(train_texts(), vocab_size))
-        logger.info("tokenizer: trained SentencePiece (vocab %d) in %.1f s -> %s",
-                    vocab_size, time.perf_counter() - start, model_file)
-    return SentencePieceTokenizer(model_file)
+    tok = SentencePieceTokenizer(model_file)
+    # The vocabulary the model has: a small corpus gives fewer pieces than data.vocab_size asks for.
+    if trained:
+        logger.info("tokenizer: trained SentencePiece (vocab %d, data.vocab_size=%d) in %.1f s -> %s",
+                    tok.vocab_size, vocab_size, time.perf_counter() - start, model_file)
+    else:
+        logger.info("tokenizer: reusing %s (vocab %d)", model_file, tok.vocab_size)
+    return tok

@@ -49,6 +49,16 @@ def test_trained_model_is_cached_and_reused(tiny_corpus, tmp_path, monkeypatch):
     assert calls == [1, 1] and len(list((tmp_path / "tokenizer").iterdir())) == 2
 
 
+def test_log_names_the_vocabulary_the_model_has(tiny_corpus, tmp_path, caplog):
+    """The tiny corpus cannot fill data.vocab_size=1024: the log says the trained size, not 1024."""
+    with caplog.at_level("INFO", logger="data.tokenizer"):
+        _, tok = build_data(tiny_corpus, vocab_size=1024, seq_len=16, cache_dir=tmp_path)
+        build_data(tiny_corpus, vocab_size=1024, seq_len=16, split="val", cache_dir=tmp_path)
+    assert tok.vocab_size < 1024
+    assert f"trained SentencePiece (vocab {tok.vocab_size}, data.vocab_size=1024)" in caplog.text
+    assert f"(vocab {tok.vocab_size})" in caplog.text and "vocab 1024" not in caplog.text
+
+
 def test_failed_training_leaves_no_model(tiny_corpus, tmp_path, monkeypatch):
     def boom(*args):
         raise KeyboardInterrupt
