@@ -235,6 +235,16 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     q_dim = hc.num_attention_heads * getattr(hc, "head_dim", hc.hidden_size // hc.num_attention_heads)
     train_iter = iter(train_loader)
     last = {}
+
+    def use_schedule_of(s: int) -> int:
+        """Set every MoBA layer to MoBA or full attention as the schedule has it at optimizer step ``s``
+        (0-based); returns how many layers run MoBA."""
+        active = moba_active(cfg.schedule.name, s, cfg.train.max_steps, cfg.schedule.switch_fraction)
+        return set_moba_layers(lm, moba_layer_ids if active else [])
+
+    # An evaluation uses the attention of the step it evaluates: step 0's before training, else that of the
+    # last step trained (set below for every step this launch trains).
+    use_schedule_of(max(step - 1, 0))
     if resume is None:  # the starting point of the stage, to compare the end against
         metrics.log_eval(0, evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from))
         eval_step = 0
@@ -246,8 +256,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     preempt = PreemptionFlag()
     while step < cfg.train.max_steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        active = moba_active(cfg.schedule.name, step, cfg.train.max_steps, cfg.schedule.switch_fraction)
-        n_moba = set_moba_layers(lm, moba_layer_ids if active else [])
+        n_moba = use_schedule_of(step)
         t0 = time.perf_counter()
         loss_sum, n_valid, n_tok, flops = 0.0, 0.0, 0, 0.0
         fulls = [next(train_iter) for _ in range(cfg.train.grad_accum)]  # the whole step's micro-batches
