@@ -110,7 +110,7 @@ def identity(path: str | None, tokenizer, run_dir: Path) -> dict:
     from data import corpus_fingerprint
 
     return {"data.path": path, "corpus": corpus_fingerprint(path), "tokenizer": tokenizer.fingerprint,
-            "tokenizer_name": tokenizer.name, "tokenizer_copy": str((Path(run_dir) / TOKENIZER_DIR).resolve())}
+            "tokenizer_copy": str((Path(run_dir) / TOKENIZER_DIR).resolve())}
 
 
 def store_tokenizer(tokenizer, run_dir: Path) -> None:
