@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ HISTORY_DIR = "config-history"
 _STORE_TIMEOUT_S = 900  # how long ranks wait for rank 0's answer (rank 0 may still be importing)
 
 _launch_time: float | None = None
+_claims = itertools.count()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -288,6 +290,7 @@ def claim_run_dir(run_dir: Path, ckpt_dir: Path | None = None) -> Iterator[None]
             dirs.append(("checkpoint.dir", ckpt_dir))
     rank, world = _rank_world()
     store = launch_store() if world > 1 else None
+    key = f"run_dir/{next(_claims)}"  # a Hydra sweep runs its jobs one after another in each process
     lock = None
     if rank == 0:
         lock = RunDirLock(dirs)
@@ -295,12 +298,12 @@ def claim_run_dir(run_dir: Path, ckpt_dir: Path | None = None) -> Iterator[None]
             lock.acquire()
         except Exception as e:
             if store is not None:  # the other ranks stop with the same message
-                store.set("run_dir", json.dumps({"dir": str(run_dir), "error": str(e)}))
+                store.set(key, json.dumps({"dir": str(run_dir), "error": str(e)}))
             raise
         if store is not None:
-            store.set("run_dir", json.dumps({"dir": str(run_dir), "error": None}))
+            store.set(key, json.dumps({"dir": str(run_dir), "error": None}))
     elif store is not None:
-        decided = json.loads(store.get("run_dir").decode())
+        decided = json.loads(store.get(key).decode())
         if decided["error"]:
             raise ValueError(decided["error"])
         if decided["dir"] != str(run_dir):

@@ -23,8 +23,18 @@ def finished_run(tmp_path_factory, data_cache):
     """A finished 2-step run (checkpoints at steps 1 and 2, evaluations at 0 and 2, the HF export); tests
     copy it and change it as a crash would have."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_train(["train.max_steps=2", "checkpoint.every=1", "checkpoint.export_hf=true"], run_dir, data_cache)
+    proc = run_train(["train.max_steps=2", "checkpoint.every=1", "checkpoint.export_hf=true"], run_dir, data_cache)
+    (run_dir.parent / "launch.out").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+def test_a_launch_prints_none_of_deepspeeds_start_up_lines(finished_run):
+    """DeepSpeed's CPU-fallback warning, its compiler probe commands and its op-build line appeared at every
+    launch; what the launch prints now is ours."""
+    out = (finished_run.parent / "launch.out").read_text()
+    assert "eval step 2" in out
+    for noise in ("Setting accelerator to CPU", "compilers.C", "gcc ", "built successfully"):
+        assert noise not in out, noise
 
 
 def copy_of(run_dir, tmp_path):
