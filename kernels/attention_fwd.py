@@ -39,7 +39,7 @@ LOG2E = 1.4426950408889634
 def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Fixed launch configuration of one kernel (tiles, warps, stages), chosen without autotuning.
 
-    Measured on an H200 (bf16, D=128; see the kernel notes in BENCHMARKS.md). A table instead of
+    Measured on an H200 (bf16, D=128, ``launch/tune_kernels.py``; see ``kernels/NOTES.md``). A table instead of
     ``triton.autotune``: the first call at a new shape then costs compilation only, and the same choice
     holds in every process. ``MOBA_CFG_<NAME>=BM,BN,WARPS,STAGES`` overrides an entry (for sweeps).
     Tiles never exceed the block (``BLOCK_SIZE % BN == 0`` is required where keys of a block are tiled).
@@ -54,7 +54,7 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
         bm, bn, w, s = {
             "list_fwd": (128, 64, 8, 3) if big else (128, 128, 8, 3),
             "combine_fwd": (64, 64, 4, 3),
-            "dkdv": (64, 128, 8, 2),
+            "dkdv": (32, 64, 4, 2),
             "list_dq": (128, 32, 4, 3),
             "diag_dq": (128, 64, 8, 2),
         }[name]

@@ -54,6 +54,12 @@ def cached_layout(lens: tuple, block_size: int, dense_blocks: int, device: torch
     return layout
 
 
+def partial_budget(q: torch.Tensor) -> int:
+    """Bytes allowed for the kernels' temporary per-entry buffers (partials, gathered rows): the size of q,
+    at least 64 MiB. Heads are processed in chunks that fit (peak memory stays near full attention's)."""
+    return max(q.numel() * q.element_size(), 64 << 20)
+
+
 def moba_routing(q, k, lens, block_size: int, top_k: int, group_routing: bool, dense_blocks: int):
     """Routing tables for the kernels: (layout, sel, lists or None). No host sync."""
     layout = cached_layout(tuple(lens), block_size, dense_blocks, q.device)
@@ -115,7 +121,7 @@ def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing, build_
     dense_blocks = top_k if dense_path_enabled() else 0
     T, HQ, D = q.shape
     o = torch.empty((T, HQ, D), device=q.device, dtype=q.dtype)
-    budget = max(q.numel() * q.element_size(), 64 << 20)
+    budget = partial_budget(q)
     layout, sel, lists = moba_routing(q, k, lens, block_size, top_k, group_routing, dense_blocks)
     lse = moba_fwd(q, k, v, layout, sel, lists, top_k, block_size, scale, group_routing, o, budget)
     dense = None
