@@ -30,9 +30,9 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# GPU: the kernel benchmark (writes its table into BENCHMARKS.md).
+# GPU: the kernel benchmark (writes its table into BENCHMARKS.md and results/kernels.json).
 bench: $(STAMP)
-	$(PY) -m kernels.bench $(ARGS)
+	$(PY) -m train.bench_kernels $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

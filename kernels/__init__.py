@@ -1,7 +1,8 @@
 """Triton kernels for MoBA (imports torch and triton only).
 
-    kernels.routing        block layout, block mean-pool, fused scores + top-(k-1), key-block-major lists
-    kernels.attention_fwd  block-sparse attention forward (LSE saved)
-    kernels.attention_bwd  block-sparse attention backward (dq, dk, dv)
-    kernels.bench          GPU benchmark (``python -m kernels.bench``)
+    kernels.routing        block tables, block mean-pool, fused scores + top-(k-1), key-block-major lists
+    kernels.attention_fwd  block-sparse attention forward (partials merged by LSE) and the launch-config table
+    kernels.attention_bwd  block-sparse attention backward (dq, dk, dv; no atomics)
+The benchmark that drives them through ``moba_core`` is ``python -m train.bench_kernels``; NOTES.md keeps
+each kernel version's measurements.
 """
