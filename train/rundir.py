@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import itertools
 import json
 import logging
@@ -30,6 +31,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from .distributed import world_from_env
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +48,15 @@ _launch_time: float | None = None
 _claims = itertools.count()
 
 
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))), int(
-        os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-
-
 def launch_store():
     """A client of the key-value store that torchrun's agent hosts for its workers (at ``MASTER_ADDR:
     MASTER_PORT`` when ``TORCHELASTIC_USE_AGENT_STORE=True``), or None outside torchrun."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    from torch.distributed import PrefixStore, TCPStore
-
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                      timeout=dt.timedelta(seconds=_STORE_TIMEOUT_S))
     # One namespace per attempt: torchrun restarts the workers with a new TORCHELASTIC_RESTART_COUNT.
-    return PrefixStore(f"moba/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    return dist.PrefixStore(f"moba/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def agreed_launch_time() -> float:
@@ -78,7 +77,7 @@ def agreed_launch_time() -> float:
                 raise ValueError(f"{LAUNCH_TIME_ENV}={env!r} must be seconds since the epoch") from None
         else:
             now = time.time()
-            rank, world = _rank_world()
+            rank, world, _ = world_from_env()
             store = launch_store() if world > 1 else None
             if store is not None:
                 if rank == 0:
@@ -96,8 +95,6 @@ def launch_time(pattern: str) -> str:
 
 def register_resolvers() -> None:
     """Register ``launch_time`` with OmegaConf (before Hydra composes the config)."""
-    from omegaconf import OmegaConf
-
     OmegaConf.register_new_resolver("launch_time", launch_time, replace=True)
 
 
@@ -177,10 +174,8 @@ def _guard(directory: Path) -> Iterator[None]:
     fd = os.open(directory, os.O_RDONLY)
     try:
         try:
-            import fcntl
-
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
+        except OSError:
             pass
         yield
     finally:
@@ -288,7 +283,7 @@ def claim_run_dir(run_dir: Path, ckpt_dir: Path | None = None) -> Iterator[None]
         ckpt_dir = Path(ckpt_dir).resolve()
         if run_dir not in ckpt_dir.parents and ckpt_dir != run_dir:
             dirs.append(("checkpoint.dir", ckpt_dir))
-    rank, world = _rank_world()
+    rank, world, _ = world_from_env()
     store = launch_store() if world > 1 else None
     key = f"run_dir/{next(_claims)}"  # a Hydra sweep runs its jobs one after another in each process
     lock = None
@@ -323,8 +318,6 @@ def check_same_run_dir(run_dir: Path) -> None:
     Raises:
         ValueError: on every rank when any rank's directory differs, naming rank 0's and the others'.
     """
-    import torch.distributed as dist
-
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     dirs = [None] * dist.get_world_size()
