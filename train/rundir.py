@@ -54,7 +54,7 @@ def launch_store():
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                     timeout=dt.timedelta(seconds=_STORE_TIMEOUT_S))
+                          timeout=dt.timedelta(seconds=_STORE_TIMEOUT_S))
     # One namespace per attempt: torchrun restarts the workers with a new TORCHELASTIC_RESTART_COUNT.
     return dist.PrefixStore(f"moba/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
