@@ -113,11 +113,14 @@ def _route_topk_kernel(
         s = tl.where((cols[None, :] < blk) & mrow[:, None], s, float("-inf"))
         cmax = tl.max(s, axis=1)
         cur_min = tl.min(best_v, axis=1)
-        # insertion passes only while some row of the tile has a chunk score above its current k-th best
-        while tl.max((cmax > cur_min).to(tl.int32), axis=0) > 0:
+        # insertion passes only while some row of the tile has a chunk score above its current k-th best;
+        # each pass removes one column per row, so BLOCK_N passes bound the loop whatever the scores hold
+        it = 0
+        while (tl.max((cmax > cur_min).to(tl.int32), axis=0) > 0) & (it < BLOCK_N):
+            it += 1
             cidx = tl.min(tl.where(s == cmax[:, None], cols[None, :], 2147483647), axis=1)
             pos = tl.min(tl.where(best_v == cur_min[:, None], offs_k[None, :], KPAD), axis=1)
-            put = (cmax > cur_min)[:, None] & (offs_k[None, :] == pos[:, None])
+            put = ((cmax > cur_min) & (cidx < 2147483647))[:, None] & (offs_k[None, :] == pos[:, None])
             best_v = tl.where(put, cmax[:, None], best_v)
             best_i = tl.where(put, cidx[:, None].to(tl.int32), best_i)
             s = tl.where(cols[None, :] == cidx[:, None], float("-inf"), s)
