@@ -6,7 +6,8 @@ Backends:
                  selected-blocks part, merged by LSE; flash-attn / PyTorch FlashAttention on a GPU,
                  an exact PyTorch path on a CPU.
     "triton"     our Triton kernels (``moba_core.triton_backend`` -> ``kernels``), GPU (or the Triton
-                 interpreter with ``TRITON_INTERPRET=1``).
+                 interpreter with ``TRITON_INTERPRET=1``); the queries of each document's first ``top_k``
+                 blocks (plain causal attention under MoBA) run through SDPA / varlen FlashAttention.
     "auto"       "triton" on a CUDA device when Triton imports, else "flash".
 """
 
