@@ -10,6 +10,8 @@ segments: a segment is a (piece of a) document, and attention, positions and lab
   a padding segment.
 - "pad": one document per sample, truncated to L tokens (the rest of a longer document, EOS included, is
   dropped); the remaining positions form a trailing padding segment.
+- "best_fit": documents placed into samples best-fit-decreasing, split only when longer than L; the rest
+  of a sample is a padding segment. No token is dropped (see `data.layout`).
 Padding tokens hold `pad_id`, have labels -100 and positions restarting at 0.
 
 On disk (one directory per packed split, see `write_packed`):
@@ -38,11 +40,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .layout import boundaries, gather_rows, layout_best_fit
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-PACKING_MODES = ("concat", "pad")
+PACKING_MODES = ("concat", "pad", "best_fit")
 IGNORE_INDEX = -100
 SHARD_TOKENS = 1 << 27  # tokens per shard file (512 MiB of int32)
 ENCODE_BATCH = 256  # documents per tokenizer call
@@ -151,10 +154,19 @@ def pack_pad(tokens: np.ndarray, doc_lens: np.ndarray, seq_len: int, pad_id: int
     return Packed(tokens=out, cu_seqlens=cu_seqlens, cu_index=cu_index, num_valid=kept.astype(np.int32))
 
 
+def pack_best_fit(tokens: np.ndarray, doc_lens: np.ndarray, seq_len: int, pad_id: int) -> Packed:
+    """Best-fit-decreasing packing (`data.layout.layout_best_fit`), in memory. No token is dropped."""
+    layout = layout_best_fit(doc_lens, seq_len)
+    cu_seqlens, cu_index, num_valid = boundaries(layout, seq_len)
+    rows = gather_rows(tokens, layout, 0, layout.num_rows, seq_len, pad_id)
+    return Packed(tokens=rows, cu_seqlens=cu_seqlens, cu_index=cu_index, num_valid=num_valid)
+
+
 def pack(tokens: np.ndarray, doc_lens: np.ndarray, seq_len: int, packing: str, pad_id: int) -> Packed:
-    """Pack with mode `packing` ("concat" or "pad"); see `pack_concat` and `pack_pad`."""
+    """Pack with mode `packing` ("concat", "pad" or "best_fit"); see `pack_concat`, `pack_pad`, `pack_best_fit`."""
     check_packing_args(seq_len, packing)
-    return (pack_concat if packing == "concat" else pack_pad)(np.asarray(tokens), doc_lens, seq_len, pad_id)
+    fn = {"concat": pack_concat, "pad": pack_pad, "best_fit": pack_best_fit}[packing]
+    return fn(np.asarray(tokens), doc_lens, seq_len, pad_id)
 
 
 def write_packed(directory: Path, packed: Packed, meta: dict) -> None:

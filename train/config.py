@@ -112,18 +112,18 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # None = the embedded default corpus (the Python standard library's sources)
+    path: str | None = None  # None = the stdlib corpus; a corpus; or a directory written by python -m data.prepare
     tokenizer: str | None = None  # HF tokenizer dir; None = SentencePiece trained on the corpus and cached
     vocab_size: int = 8192  # vocabulary of the trained SentencePiece tokenizer
     seq_len: int = 1024  # tokens per packed sample
-    packing: str = "concat"  # concat (documents end to end, cut at sample edges) | pad (one doc per sample)
+    packing: str = "concat"  # concat (end to end, cut at sample edges) | pad (one doc per sample) | best_fit
     cache_dir: str | None = None  # tokenizer and packed shards; None = $MOBA_CACHE or <repo>/.cache/data
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
-        if self.packing not in ("concat", "pad"):
-            raise ValueError(f"data.packing={self.packing!r} must be 'concat' or 'pad'")
+        if self.packing not in ("concat", "pad", "best_fit"):
+            raise ValueError(f"data.packing={self.packing!r} must be 'concat', 'pad' or 'best_fit'")
         if self.vocab_size < 512:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 512 (byte pieces + specials)")
 
