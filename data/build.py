@@ -32,6 +32,7 @@ from .packing import (
     tokenize_documents,
     write_packed,
 )
+from .prepared import is_prepared, load_prepared
 from .tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,26 +52,30 @@ def build_data(
     """Build (or load from the cache) the packed samples of one split, and the tokenizer.
 
     Args (named after the `data.*` config keys):
-      path: `data.path`: None = the Python stdlib sources; a directory of *.txt/*.py/*.md files; or a
-        .jsonl/.json/.parquet file with a `text` column (see `data.corpus`).
+      path: `data.path`: None = the Python stdlib sources; a directory of *.txt/*.py/*.md files; a
+        .jsonl/.json/.parquet file with a `text` column (see `data.corpus`); or a directory written by
+        `python -m data.prepare`, read as it is (no cache; see `data.prepared.load_prepared`).
       tokenizer: `data.tokenizer`: None = a SentencePiece model trained on the training split at first
         use and cached; a HF tokenizer directory; or a SentencePiece `.model` file.
       vocab_size: `data.vocab_size`: vocabulary of the trained SentencePiece model (>= 512; a tiny corpus
         may give fewer). Use the returned `tokenizer.vocab_size` for the model's embedding.
       seq_len: `data.seq_len`: tokens per sample (>= 2).
-      packing: `data.packing`: "concat" (documents end to end, cut at sample boundaries) or "pad" (one
-        document per sample, truncated and padded); see `data.packing`.
+      packing: `data.packing`: "concat" (documents end to end, cut at sample boundaries), "pad" (one
+        document per sample, truncated and padded) or "best_fit"; see `data.packing`.
       split: "train" or "val" (about 2% of the documents, chosen by a hash of their names).
       cache_dir: `data.cache_dir`: None = `$MOBA_CACHE` or `<repo>/.cache/data`.
     Returns `(dataset, tokenizer)`: a `PackedDataset` whose items are dicts of `input_ids`, `labels`,
     `position_ids` (int64 (seq_len,)) and `cu_seqlens` (int32 (segments + 1,)), and the `Tokenizer`.
     Raises `ValueError` naming the `data.*` setting (or `split`) that is wrong: a path that does not exist
-    or yields no documents, a tokenizer that cannot be loaded, `vocab_size < 512` for a trained tokenizer,
+    or yields no documents, a tokenizer that cannot be loaded (or that is not a prepared directory's own),
+    `vocab_size < 512` for a trained tokenizer,
     `seq_len < 2`, an unknown packing mode.
     """
     check_packing_args(seq_len, packing)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
+    if is_prepared(path):
+        return load_prepared(path, split, tokenizer, seq_len, packing)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     corpus_id = corpus_fingerprint(path)
 

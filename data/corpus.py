@@ -24,6 +24,8 @@ from pathlib import Path
 
 import datasets
 
+from .prepared import is_prepared, prepared_fingerprint
+
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
@@ -72,8 +74,11 @@ def corpus_fingerprint(path: str | os.PathLike | None = None) -> str:
     """A cheap identity of the corpus at `path` (`None` = stdlib): names, sizes and mtimes of its files.
 
     Returns a hex string; it changes when a file is added, removed or modified. Does not read file
-    contents. Raises `ValueError` (naming `data.path`) when `path` does not exist or has a bad suffix.
+    contents. A directory written by `python -m data.prepare` is identified by its manifest instead.
+    Raises `ValueError` (naming `data.path`) when `path` does not exist or has a bad suffix.
     """
+    if is_prepared(path):
+        return prepared_fingerprint(path)
     if path is None:
         root, files, source = stdlib_dir(), _stdlib_files(), ["stdlib", sys.version]
     else:

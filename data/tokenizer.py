@@ -101,6 +101,13 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
 
+    def __getstate__(self):  # the processor is rebuilt from the model bytes (datasets.map worker processes)
+        return {k: v for k, v in self.__dict__.items() if k != "_sp"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 

@@ -117,3 +117,21 @@ def document_tokens():
 def check_concat_invariants():
     """`check_concat_invariants(dataset, docs)`: assert the concat packing invariants."""
     return _check_concat_invariants
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tmp_path_factory, tiny_corpus):
+    """A SentencePiece model (vocab <= 600) trained on the tiny corpus: prepare tests pass it as
+    `data.tokenizer` so that none of them trains one."""
+    from data.tokenizer import train_sentencepiece
+
+    texts = [p.read_text() for p in sorted(tiny_corpus.rglob("doc*"))] + [_text(random.Random(1), 3000)]
+    path = tmp_path_factory.mktemp("tiny_spm") / "tiny.model"
+    path.write_bytes(train_sentencepiece(texts, 600))
+    return path
+
+
+@pytest.fixture(scope="session")
+def word_text():
+    """`word_text(seed, num_words)`: deterministic text of the tiny corpus' words."""
+    return lambda seed, num_words: _text(random.Random(seed), num_words)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-ALLOWED = {"datasets", "numpy", "torch", "sentencepiece", "transformers", "tqdm"}
+# omegaconf: the typed settings of python -m data.prepare (Hydra's config library, without Hydra);
+# matplotlib: its length histogram (imported inside plot_lengths only)
+ALLOWED = {"datasets", "numpy", "torch", "sentencepiece", "transformers", "tqdm", "omegaconf", "matplotlib"}
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 
