@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from .decode import moba_attention_kv
 from .layout import check_moba_args
 from .reference import moba_attention_reference
 
@@ -62,6 +63,7 @@ def moba_attention(
     softmax_scale: float | None = None,
     group_routing: bool = False,
     backend: str = "auto",
+    cu_seqlens_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MoBA (Mixture of Block Attention, arXiv 2502.13189, Sec. 2.2) over a packed varlen batch.
 
@@ -83,6 +85,11 @@ def moba_attention(
         group_routing: route once per KV group (mean of the group's scores), so every query head of
             a group attends the same blocks; default routes per query head as the paper does.
         backend: one of ``BACKENDS``.
+        cu_seqlens_k: int32 (num_docs + 1,) key offsets when documents have fewer queries than keys
+            (chunked prefill, decoding with a KV cache): k, v then hold ``cu_seqlens_k[-1]`` tokens and
+            the queries of a document are its last positions, routed exactly as in a full forward
+            (``moba_core.decode``, exact PyTorch on every backend). None (or equal to ``cu_seqlens``):
+            queries and keys are the same tokens.
 
     Returns:
         o: (total_tokens, H_q, D), dtype of q; differentiable in q, k and v.
@@ -91,6 +98,13 @@ def moba_attention(
         ValueError: naming the argument and the bad value (see ``check_moba_args`` and
             ``resolve_backend``).
     """
+    same_tokens = cu_seqlens_k is None or (cu_seqlens_k.shape == cu_seqlens.shape
+                                           and torch.equal(cu_seqlens_k, cu_seqlens))
+    if not same_tokens:
+        check_moba_args(q, q, q, cu_seqlens, max_seqlen, block_size, top_k)  # block_size, top_k, cu_seqlens
+        resolve_backend(backend, q.device)
+        return moba_attention_kv(q, k, v, cu_seqlens, cu_seqlens_k, block_size, top_k, softmax_scale=softmax_scale,
+                                 group_routing=group_routing)
     check_moba_args(q, k, v, cu_seqlens, max_seqlen, block_size, top_k)
     backend = resolve_backend(backend, q.device)
     kwargs = dict(softmax_scale=softmax_scale, group_routing=group_routing)

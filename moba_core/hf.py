@@ -3,7 +3,8 @@
 ``register()`` adds an attention function named ``"moba"`` to transformers' ``AttentionInterface``.
 ``apply_moba(model, cfg)`` switches a loaded model to it and marks, per attention module, whether the
 layer runs MoBA or keeps full causal attention (``MoBAConfig.full_attn_layers``, the paper's
-layer-wise hybrid, Sec. 3.2). ``set_moba_layers`` changes that set between steps (hybrid schedules).
+layer-wise hybrid, Sec. 3.2), and gives each layer its own settings (``MoBAConfig.layers``: per-layer
+block size and top-k). ``set_moba_layers`` changes that set between steps (hybrid schedules).
 
 transformers calls the function per layer as ``fn(module, query, key, value, attention_mask,
 scaling=..., dropout=..., **kwargs)`` with query (B, H_q, T, D) and key / value (B, H_kv, T, D), not
@@ -11,8 +12,9 @@ expanded for GQA. Packed documents arrive as the flash-attention keyword argumen
 with (``cu_seq_lens_q``, ``max_length_q``): every document is attended on its own in both MoBA and full
 layers. Without them, documents are where ``position_ids`` restart at 0 (transformers' padding-free
 convention, as its flash-attention path reads them), and each batch row is at least one sequence. A 2-D
-padding ``attention_mask`` is not used by this implementation (transformers builds none for custom
-functions): express padding as its own document in ``cu_seqlens`` instead.
+padding ``attention_mask`` (registered with transformers' flash-attention mask function, so it arrives as
+the 2-D mask) makes each row's real tokens one document. With a KV cache (``generate``) the queries are the
+last positions of each row and route as in a full forward (``moba_core.decode``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from .attention import moba_attention
 from .config import MoBAConfig
+from .decode import BlockMeansCache, moba_attention_kv
 from .flash import varlen_causal_attention
 
 ATTN_IMPLEMENTATION = "moba"
@@ -61,41 +64,124 @@ def packed_args(batch: int, seqlen: int, kwargs: dict, device) -> tuple[torch.Te
     return cu, seqlen
 
 
+def padding_spans(attention_mask, batch: int, kv_len: int) -> list[tuple[int, int]] | None:
+    """Each row's real tokens ``[start, end)`` from a 2-D padding mask (B, kv_len), or None without padding.
+
+    Raises:
+        ValueError: a mask that is not 2-D (B, kv_len), or a row whose real tokens are not contiguous (left or
+            right padding only).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, kv_len):
+        raise ValueError(f"MoBA takes a 2-D padding attention_mask of shape ({batch}, {kv_len}); got "
+                         f"{tuple(attention_mask.shape)} (a static cache or a custom 4-D mask is not supported)")
+    real = attention_mask.bool()
+    if bool(real.all()):
+        return None
+    counts = real.sum(1).tolist()
+    starts = real.int().argmax(1).tolist()
+    spans = []
+    for b, (s, n) in enumerate(zip(starts, counts)):
+        s = s if n else kv_len
+        if n and not bool(real[b, s: s + n].all()):
+            raise ValueError(f"attention_mask row {b} has padding between real tokens; MoBA supports left or right "
+                             "padding only")
+        spans.append((s, s + n))
+    return spans
+
+
+def _rows_as_documents(spans, batch: int, q_len: int, kv_len: int, device):
+    """Query / key rows and offsets when each batch row's real tokens form one document whose last ``q_len``
+    positions (or fewer, past padding) are the queries. Returns (q_idx, k_idx, cu_q, cu_k) over the flattened
+    (B * q_len) queries and (B * kv_len) keys."""
+    q_rows, k_rows, cu_q, cu_k = [], [], [0], [0]
+    for b, (s, e) in enumerate(spans):
+        if q_len < kv_len and e != kv_len and e > s:
+            raise ValueError(f"attention_mask row {b} ends with padding while decoding with a KV cache; pad on the "
+                             "left for generation")
+        q_lo = max(s, kv_len - q_len)
+        q_hi = max(q_lo, e)
+        q_rows.append(torch.arange(q_lo, q_hi) - (kv_len - q_len) + b * q_len)
+        k_rows.append(torch.arange(s, q_hi) + b * kv_len)
+        cu_q.append(cu_q[-1] + q_hi - q_lo)
+        cu_k.append(cu_k[-1] + q_hi - s)
+    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return torch.cat(q_rows).to(device), torch.cat(k_rows).to(device), as_t(cu_q), as_t(cu_k)
+
+
+def _means_cache(module, block_size: int) -> BlockMeansCache:
+    cache = getattr(module, "_moba_means_cache", None)
+    if cache is None or cache.block_size != block_size:
+        cache = module._moba_means_cache = BlockMeansCache(block_size)
+    return cache
+
+
 def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: MoBA or full causal attention for ``module`` (one layer).
 
-    Shapes: query (B, H_q, T, D), key / value (B, H_kv, T, D) -> output (B, T, H_q, D), weights None.
+    Shapes: query (B, H_q, Tq, D), key / value (B, H_kv, Tk, D) -> output (B, Tq, H_q, D), weights None.
+    ``Tq < Tk`` (a KV cache: generation, chunked prefill): the queries are the last positions of each row
+    and route exactly as in a full forward (``moba_core.decode``; ``moba.decode=full`` attends the whole
+    cache instead); block means of the cache are kept incrementally on the module. A 2-D padding
+    ``attention_mask`` (left or right padding; left while decoding) makes each row's real tokens one
+    document: padded positions neither attend nor are attended (their outputs are 0) and blocks count from
+    the first real token. Without padding, packed documents come from ``cu_seq_lens_*`` or ``position_ids``.
 
     Raises:
-        ValueError: the model was not prepared with ``apply_moba``, or attention dropout is requested
-            in training (MoBA here has no dropout).
+        ValueError: the model was not prepared with ``apply_moba``, attention dropout in training, or a mask
+            this function cannot honour (see ``padding_spans``).
     """
     cfg: MoBAConfig | None = getattr(module, "moba_config", None)
     if cfg is None:
         raise ValueError("attn_implementation='moba' needs moba_core.hf.apply_moba(model, MoBAConfig(...)) first")
     if dropout and module.training:
         raise ValueError(f"attention dropout={dropout} is not supported with MoBA; set it to 0")
-    B, Hq, T, D = query.shape
-    Hkv = key.shape[1]
-    cu, max_len = packed_args(B, T, kwargs, query.device)
-    q = query.transpose(1, 2).reshape(B * T, Hq, D)
-    k = key.transpose(1, 2).reshape(B * T, Hkv, D)
-    v = value.transpose(1, 2).reshape(B * T, Hkv, D)
-    if getattr(module, "moba_enabled", True):
-        o = moba_attention(
-            q, k, v, cu, max_len, cfg.block_size, cfg.top_k,
-            softmax_scale=scaling, group_routing=cfg.group_routing, backend=cfg.backend,
-        )
+    B, Hq, Tq, D = query.shape
+    Hkv, Tk = key.shape[1], key.shape[2]
+    moba_on = getattr(module, "moba_enabled", True)
+    q = query.transpose(1, 2).reshape(B * Tq, Hq, D)
+    k = key.transpose(1, 2).reshape(B * Tk, Hkv, D)
+    v = value.transpose(1, 2).reshape(B * Tk, Hkv, D)
+    spans = padding_spans(attention_mask, B, Tk)
+    if spans is None and Tq == Tk:
+        cu, max_len = packed_args(B, Tq, kwargs, query.device)
+        if moba_on:
+            o = moba_attention(q, k, v, cu, max_len, cfg.block_size, cfg.top_k, softmax_scale=scaling,
+                               group_routing=cfg.group_routing, backend=cfg.backend)
+        else:
+            o = varlen_causal_attention(q, k, v, cu, max_len, softmax_scale=scaling)
+        return o.reshape(B, Tq, Hq, D), None
+    q_idx, k_idx, cu_q, cu_k = _rows_as_documents(spans or [(0, Tk)] * B, B, Tq, Tk, query.device)
+    qp, kp, vp = q[q_idx], k[k_idx], v[k_idx]
+    max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    if torch.equal(cu_q, cu_k):  # padded full forward: every row's real tokens are its queries
+        if moba_on:
+            op = moba_attention(qp, kp, vp, cu_q, max(max_q, 1), cfg.block_size, cfg.top_k, softmax_scale=scaling,
+                                group_routing=cfg.group_routing, backend=cfg.backend)
+        else:
+            op = varlen_causal_attention(qp, kp, vp, cu_q, max(max_q, 1), softmax_scale=scaling)
     else:
-        o = varlen_causal_attention(q, k, v, cu, max_len, softmax_scale=scaling)
-    return o.reshape(B, T, Hq, D), None
+        full = not moba_on or cfg.decode == "full"
+        means = None
+        if not full and cfg.top_k > 1:
+            bounds = cu_k.tolist()
+            means = _means_cache(module, cfg.block_size).get([kp[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        op = moba_attention_kv(qp, kp, vp, cu_q, cu_k, cfg.block_size, cfg.top_k, softmax_scale=scaling,
+                               group_routing=cfg.group_routing, full=full, block_means=means)
+    o = q.new_zeros(q.shape).index_copy(0, q_idx, op)
+    return o.reshape(B, Tq, Hq, D), None
 
 
 def register(name: str = ATTN_IMPLEMENTATION, fn=moba_attention_forward) -> None:
-    """Register ``fn`` as transformers attention implementation ``name`` (idempotent)."""
+    """Register ``fn`` as transformers attention implementation ``name`` (idempotent), with transformers'
+    flash-attention mask function, which hands the attention function the 2-D padding mask (or None when
+    nothing is padded) and never builds a (T x T) mask."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, flash_attention_mask)
 
 
 def attention_modules(model) -> list:
@@ -115,7 +201,8 @@ def set_moba_layers(model, layers) -> int:
 def apply_moba(model, cfg: MoBAConfig, name: str = ATTN_IMPLEMENTATION, fn=moba_attention_forward) -> list[int]:
     """Switch ``model`` to MoBA attention with ``cfg``; returns the indices of the MoBA layers.
 
-    Layers in ``cfg.full_attn_layers`` keep full causal attention (still document-masked). ``name`` / ``fn``
+    Layers in ``cfg.full_attn_layers`` keep full causal attention (still document-masked); a layer named in
+    ``cfg.layers`` runs MoBA with its own ``block_size`` / ``top_k`` (``module.moba_config``). ``name`` / ``fn``
     register another attention function that wraps ``moba_attention_forward`` (e.g. sequence parallelism).
 
     Raises:
@@ -126,8 +213,8 @@ def apply_moba(model, cfg: MoBAConfig, name: str = ATTN_IMPLEMENTATION, fn=moba_
     if not mods:
         raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx")
     layers = cfg.moba_layers(len(mods))
-    for m in mods:
-        m.moba_config = cfg
+    for m in mods:  # each layer's own block_size / top_k (MoBAConfig.layers), used in every call
+        m.moba_config = cfg.for_layer(m.layer_idx, len(mods))
     set_moba_layers(model, layers)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)

@@ -77,6 +77,7 @@ class MoBASettings:
     full_attn_layers: Any = field(default_factory=list)  # layer indices kept full; an int N = the last N layers
     group_routing: bool = False  # one routing choice per KV group instead of per query head
     backend: str = "auto"  # auto | triton | flash | reference
+    decode: str = "moba"  # attention after a KV cache (generation): moba (same routing) | full (whole cache)
 
     def __post_init__(self):
         f = self.full_attn_layers
@@ -93,6 +94,7 @@ class MoBASettings:
             full_attn_layers=self.full_layer_indices(),
             group_routing=self.group_routing,
             backend=self.backend,
+            decode=self.decode,
         )
 
     def full_layer_indices(self) -> list[int]:
