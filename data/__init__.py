@@ -5,7 +5,12 @@
     loader = build_dataloader(train_ds, micro_batch_size=2, seed=0, dp_rank=0, dp_size=1)
     batch = next(iter(loader))  # input_ids/labels/position_ids (1, 2*4096), cu_seqlens, max_seqlen
 
-Imports only datasets, numpy, torch, sentencepiece, transformers, tqdm and the standard library.
+Data at scale (several sources mixed in tokens, length upsampling, best-fit packing, rows checked) is made
+by `python -m data.prepare` (`data.prepare`, `data.sources`, `data.mixture`, `data.layout`); `build_data`
+reads its output directory as it is (`data.prepared`).
+
+Imports only datasets, numpy, torch, sentencepiece, transformers, tqdm, omegaconf (the settings of
+`python -m data.prepare`), matplotlib (its histogram) and the standard library.
 """
 
 from .build import build_data

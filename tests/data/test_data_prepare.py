@@ -199,3 +199,28 @@ def test_train_tokenizer_command(tmp_path, two_sources, capsys):
     assert tok.vocab_size <= 520 and tok.eos_id == 2 and tok.decode(tok.encode("self value 42")) == "self value 42"
     assert train_tokenizer_main([f"data.path={web}", "data.vocab_size=100", f"data.output_dir={tmp_path}"]) == 2
     assert "data.vocab_size=100" in capsys.readouterr().err
+
+
+def test_hf_tokenizer_in_parallel_and_read_back(tmp_path, two_sources):
+    from tokenizers import Tokenizer as HFBackend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = HFBackend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["the value of a block", "return self.data"] * 20, trainer)
+    hf_dir = tmp_path / "hf_tok"
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>").save_pretrained(str(hf_dir))
+    web, _ = two_sources
+    cfg = PrepareConfig(path=str(web), tokenizer=str(hf_dir), seq_len=64, packing="best_fit", num_proc=2,
+                        add_bos=True, output_dir=str(tmp_path / "out"), histogram=False)
+    stats = prepare(cfg)
+    stored_ds, stored = build_data(tmp_path / "out", seq_len=64, packing="best_fit")
+    given_ds, given = build_data(tmp_path / "out", seq_len=64, packing="best_fit", tokenizer=str(hf_dir))
+    assert stored.vocab_size == given.vocab_size and stored.encode("return self.x") == given.encode("return self.x")
+    docs = encoded_documents(web, given)  # no BOS: this tokenizer has none
+    assert stats["tokens"] + stats["val"]["tokens"] == sum(len(d) for d in docs)
+    assert torch.equal(stored_ds[0]["input_ids"], given_ds[0]["input_ids"])
