@@ -22,6 +22,8 @@ from moba_core import MoBAConfig
 from moba_core.attention import triton_available
 from moba_core.schedule import check_schedule, uses_moba
 
+from .eval_tasks import check_tasks
+
 
 @dataclass
 class ModelConfig:
@@ -167,6 +169,8 @@ class TrainLoopConfig:
     log_every: int = 1  # optimizer steps between metric lines
     eval_every: int = 0  # optimizer steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # validation micro-batches per pass (per data-parallel rank); >= 1
+    # python -m train.eval's tasks also run at every evaluation (rank 0, at data.seq_len; eval.jsonl and wandb):
+    eval_tasks: list[str] = field(default_factory=list)  # position | passkey | routing; [] = none
     loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked cross-entropy
 
     def __post_init__(self):
@@ -175,6 +179,7 @@ class TrainLoopConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0 = evaluate only at the end)")
+        check_tasks(self.eval_tasks, "train.eval_tasks")
 
 
 @dataclass
@@ -263,6 +268,11 @@ class RunConfig:
             )
         if moba_runs and self.moba.backend == "triton":
             self.check_triton_usable()
+        if self.train.eval_tasks and (self.parallel.sp_size > 1 or self.parallel.zero_stage == 3):
+            p = self.parallel
+            raise ValueError(f"train.eval_tasks={list(self.train.eval_tasks)} runs the whole model on rank 0: not with "
+                             f"parallel.sp_size={p.sp_size} / parallel.zero_stage={p.zero_stage}; use python -m "
+                             "train.eval on the run afterwards")
         sp = self.parallel.sp_size
         if world_size % sp:
             raise ValueError(f"world size {world_size} must be divisible by parallel.sp_size={sp}")

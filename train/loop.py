@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from . import data_identity
 from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
+from .eval import tasks_during_training
 from .metrics import MetricsLogger
 from .model import (
     IGNORE_INDEX,
@@ -227,6 +228,13 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     start_step, eval_step, val = step, None, {}
     tail_from = cfg.data.seq_len // 2  # trailing loss: the second half of (long enough) documents
 
+    def validate() -> dict:
+        """Validation loss, plus python -m train.eval's tasks (``train.eval_tasks``, rank 0: train/eval.py)."""
+        val = evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from)
+        if cfg.train.eval_tasks and info.is_main:
+            val.update(tasks_during_training(lm, tokenizer, data_kwargs, cfg.train.eval_tasks, cfg.seed))
+        return val
+
     metrics = MetricsLogger(run_dir, step, cfg.logging.wandb, config_dict, cfg.train.max_steps,
                             cfg.logging.progress_bar, enabled=info.is_main)
     n_nonembed = count_params(lm, exclude_embeddings=True)
@@ -246,7 +254,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     # last step trained (set below for every step this launch trains).
     use_schedule_of(max(step - 1, 0))
     if resume is None:  # the starting point of the stage, to compare the end against
-        metrics.log_eval(0, evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from))
+        metrics.log_eval(0, validate())
         eval_step = 0
 
     def client_state() -> dict:
@@ -300,7 +308,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             }
             metrics.log(last)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            val = evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from)
+            val = validate()
             metrics.log_eval(step, val)
             eval_step = step
         stop = preempt.requested(info.device)
@@ -324,7 +332,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                  else "nothing to train (raise train.max_steps to continue)")
     preempt.phase = "the final evaluation"
     if need_eval and not preempt.requested(info.device):
-        val = evaluate(engine, val_loader, info, cfg.train.eval_batches, tail_from)
+        val = validate()
         metrics.log_eval(step, val)
         need_eval = False
     preempt.phase = "the HF export"

@@ -1,0 +1,107 @@
+"""Evaluation tasks (train/eval_tasks.py) and ``python -m train.eval`` end to end on a tiny run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train.eval_tasks import bucket_losses, log_position_edges, passkey_sample
+
+from .conftest import REPO, run_train, small_data_args
+
+
+class CharTokenizer:
+    """One token per character (id = code point): token positions can be checked by hand."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_position_buckets_average_exactly_the_losses_they_cover():
+    assert log_position_edges(100) == [0, 16, 32, 64, 100]
+    assert log_position_edges(64) == [0, 16, 32, 64]
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    pos = torch.tensor([0, 15, 16, 31, 32, 63, 99])
+    got = bucket_losses(losses, pos, [0, 16, 32, 64, 100])
+    assert [(b["lo"], b["hi"], b["tokens"]) for b in got] == [(0, 16, 2), (16, 32, 2), (32, 64, 2), (64, 100, 1)]
+    assert [b["loss"] for b in got] == [1.5, 3.5, 5.5, 7.0]
+    assert bucket_losses(losses, pos, [0, 200, 300])[1]["loss"] is None
+
+
+@pytest.mark.parametrize("depth,start", [pytest.param(0.0, 0, id="d0"), pytest.param(0.5, 25, id="d0.5"),
+                                         pytest.param(1.0, 50, id="d1"), pytest.param(0.3, 15, id="d0.3")])
+def test_passkey_generator_places_the_key_at_the_asked_depth(depth, start):
+    tok = CharTokenizer()
+    filler = [ord(c) for c in "abcdefghij"]  # wraps around
+    needle = "\nThe pass key is 12345. Remember it. 12345 is the pass key.\n"
+    question = "\nWhat is the pass key? The pass key is"
+    length = len(needle) + len(question) + len(" 12345") + 50  # 50 filler tokens
+    s = passkey_sample(filler, tok, length, depth, "12345", offset=3)
+    text = "".join(map(chr, s["input_ids"]))
+    assert len(s["input_ids"]) + len(s["answer_ids"]) == length
+    assert s["needle_start"] == start and text[start:start + len(needle)] == needle
+    assert s["key_start"] == start + len("\nThe pass key is ") and text[s["key_start"]:s["key_start"] + 5] == "12345"
+    hay = "defghijabc" * 5  # offset 3 of the filler, wrapped
+    assert text[:start] + text[start + len(needle):-len(question)] == hay
+    assert text.endswith(question) and "".join(map(chr, s["answer_ids"])) == " 12345"
+    with pytest.raises(ValueError, match="eval.lengths holds 20"):
+        passkey_sample(filler, tok, 20, depth, "12345")
+
+
+def _eval(args, check=True):
+    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "train.eval", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.eval failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_eval_command_end_to_end(tmp_path, small_corpus):
+    """A tiny MoBA run (block 32, top-2, evaluation tasks during training) then ``python -m train.eval`` on
+    the run dir and on its checkpoint: eval.json with every task, PNGs that open, eval.jsonl's task metrics."""
+    import matplotlib.image
+
+    run = tmp_path / "run"
+    run_train([*small_data_args(small_corpus), "train.max_steps=2", "moba.top_k=2", "checkpoint.export_hf=true",
+               "train.eval_tasks=[position,routing]"], run, small_corpus[1])
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    assert "tail_loss/256" in evals[-1] and 0 < evals[-1]["recall/256"] < 1
+
+    proc = _eval([str(run), "eval.lengths=[128,256]", "eval.num_docs=2", "eval.depths=[0,0.5,1]",
+                  "eval.trials=1", "eval.queries=16", "progress_bar=on"])
+    assert "eval run" in proc.stderr  # the progress bar
+    rec = json.loads((run / "eval.json").read_text())
+    assert rec["step"] == 2 and rec["weights"].endswith("hf") and rec["attention"]["moba_layers"] == [0, 1]
+    res = rec["results"]
+    pos = res["position"]["256"]
+    assert [b["lo"] for b in pos["buckets"]] == [0, 16, 32, 64, 128]
+    assert sum(b["tokens"] for b in pos["buckets"]) > 0 and pos["tail_from"] == 128
+    pk = res["passkey"]
+    assert pk["lengths"] == [128, 256] and len(pk["accuracy"]) == 2 and len(pk["accuracy"][0]) == 3
+    assert all(0 <= a <= 1 for row in pk["accuracy"] for a in row)
+    layers = res["routing"]["256"]["layers"]
+    assert [layer["layer"] for layer in layers] == [0, 1] and all(0 < layer["recall"] < 1 for layer in layers)
+    assert sum(layers[0]["distance_hist"]) == sum(layers[0]["block_chosen"]) > 0
+    for name in ("eval_position_loss.png", "eval_passkey.png", "eval_routing.png"):
+        img = matplotlib.image.imread(run / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+    # A checkpoint evaluates to the same losses as the export of the same step; full attention: recall stays
+    # defined (what MoBA would choose there) while no layer runs MoBA.
+    out = tmp_path / "ckpt_eval"
+    _eval([str(run / "checkpoints" / "step_00000002"), "eval.lengths=[256]", "eval.num_docs=2",
+           "eval.tasks=[position,routing]", "eval.queries=16", f"eval.out_dir={out}", "eval.attention=full",
+           f"eval.compare=[{run}]"])
+    full = json.loads((out / "eval.json").read_text())
+    assert full["attention"]["moba_layers"] == [] and full["results"]["routing"]["256"]["recall"] is None
+    assert (out / "eval_position_loss.png").is_file()
+    first = full["results"]["position"]["256"]["buckets"][0]
+    assert first["loss"] == pytest.approx(pos["buckets"][0]["loss"], rel=1e-5)  # first block: MoBA == full
+
+    bad = _eval([str(run), "eval.tasks=[possition]"], check=False)
+    assert bad.returncode != 0 and "eval.tasks=['possition']" in bad.stderr
