@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from train.eval import EvalConfig, EvalSettings, evaluate_targets
 from train.eval_tasks import bucket_losses, log_position_edges, passkey_sample
 
 from .conftest import REPO, run_train, small_data_args
@@ -91,17 +93,32 @@ def test_eval_command_end_to_end(tmp_path, small_corpus):
         img = matplotlib.image.imread(run / name)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
-    # A checkpoint evaluates to the same losses as the export of the same step; full attention: recall stays
-    # defined (what MoBA would choose there) while no layer runs MoBA.
+    # In-process (no second start-up): a checkpoint evaluates to the same losses as the export of the same
+    # step; under full attention the recall stays defined per layer (what MoBA would choose) while no layer
+    # runs MoBA, so the mean over MoBA layers is None.
     out = tmp_path / "ckpt_eval"
-    _eval([str(run / "checkpoints" / "step_00000002"), "eval.lengths=[256]", "eval.num_docs=2",
-           "eval.tasks=[position,routing]", "eval.queries=16", f"eval.out_dir={out}", "eval.attention=full",
-           f"eval.compare=[{run}]"])
+    cfg = EvalConfig(eval=EvalSettings(targets=[str(run / "checkpoints" / "step_00000002")], lengths=[256], num_docs=2,
+                                       tasks=["position", "routing"], queries=16, out_dir=str(out), attention="full",
+                                       compare=[str(run)]), progress_bar="off")
+    assert evaluate_targets(cfg) == [out / "eval.json"]
     full = json.loads((out / "eval.json").read_text())
     assert full["attention"]["moba_layers"] == [] and full["results"]["routing"]["256"]["recall"] is None
-    assert (out / "eval_position_loss.png").is_file()
+    assert (out / "eval_position_loss.png").is_file() and not (out / "eval_passkey.png").exists()
     first = full["results"]["position"]["256"]["buckets"][0]
     assert first["loss"] == pytest.approx(pos["buckets"][0]["loss"], rel=1e-5)  # first block: MoBA == full
 
-    bad = _eval([str(run), "eval.tasks=[possition]"], check=False)
-    assert bad.returncode != 0 and "eval.tasks=['possition']" in bad.stderr
+
+@pytest.mark.parametrize("kwargs,message", [
+    pytest.param(dict(tasks=["possition"]), "eval.tasks=['possition']", id="task"),
+    pytest.param(dict(depths=[1.5]), "eval.depths=[1.5]", id="depth"),
+    pytest.param(dict(lengths=[1]), "eval.lengths=[1]", id="length"),
+    pytest.param(dict(attention="sparse"), "eval.attention='sparse'", id="attention"),
+])
+def test_bad_eval_settings(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvalSettings(**kwargs)
+
+
+def test_bad_target(tmp_path):
+    with pytest.raises(ValueError, match="is neither a run directory"):
+        evaluate_targets(EvalConfig(eval=EvalSettings(targets=[str(tmp_path)])))
