@@ -45,7 +45,7 @@ RESULT_FILE = "eval.json"
 class EvalSettings:
     targets: list[str] = field(default_factory=list)  # run dirs, checkpoint dirs or HF dirs (or positional args)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # position | passkey | routing
-    lengths: list[int] = field(default_factory=list)  # context lengths (tokens); [] = the run's data.seq_len
+    lengths: list[int] = field(default_factory=list)  # context lengths (tokens); [] = 1/4, 1/2, 1 x data.seq_len
     num_docs: int = 8  # held-out documents per length (position loss, routing), the longest of the val split
     # passkey depths: the share of the haystack's filler that comes before the key
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -234,6 +234,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def default_lengths(trained: int) -> list[int]:
+    """``eval.lengths=[]``: a quarter, half and all of the trained length (those of at least 64 tokens)."""
+    return sorted({n for n in (trained // 4, trained // 2, trained) if n >= 64} | {trained})
+
+
 def _compare_results(paths: list[str]) -> list[tuple[str, dict]]:
     out = []
     for p in map(Path, paths):
@@ -260,7 +265,7 @@ def evaluate_targets(cfg: EvalConfig, moba_overrides: dict | None = None) -> lis
         tok, val_at = tokenizer_and_data(t, s)
         lm = load_model(t, tok.vocab_size, device)
         attn = set_attention(lm, t, cfg, moba_overrides or {})
-        lengths = list(s.lengths) or [t.run_cfg.data.seq_len if t.run_cfg else 1024]
+        lengths = list(s.lengths) or default_lengths(t.run_cfg.data.seq_len if t.run_cfg else 1024)
         total = tasks_mod.progress_total(list(s.tasks), lengths, list(s.depths), s.trials)
         show = cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and sys.stderr.isatty())
         from tqdm import tqdm
