@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _gather_rows, dot_precision, head_chunks, kernel_config
+from .attention_fwd import LOG2E, _gather_rows, dot_precision, head_chunks, kernel_config, partial_row
 
 
 @triton.jit
@@ -284,13 +284,8 @@ def _diag_dq_kernel(
         dq += _dq_tile(q, do, lse, delta, k_ptr, v_ptr, (start + offs_n).to(tl.int64), hkv, stride_kt,
                        stride_kh, stride_vt, stride_vh, qk_scale, offs_d, dmask, kmask, smask, DOT_PREC)
     if KSEL > 0:
-        if GROUP:
-            hr = hkv
-        else:
-            hr = hq
         for j in range(KSEL):
-            ok = me & (tl.load(sel_ptr + (hr * T + t) * KSEL + j, mask=me, other=-1) >= 0)
-            row = ((hq - HQ0) * T + t) * KSEL + j
+            row, ok = partial_row(sel_ptr, hq, hkv, t, me, T, HQ0, KSEL, j, GROUP)
             dq += tl.load(dqpart_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
                           other=0.0).to(tl.float32)
     tl.store(dq_ptr + t[:, None] * stride_dqt + hq * stride_dqh + offs_d[None, :],

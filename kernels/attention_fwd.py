@@ -80,6 +80,34 @@ def _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, pid, T,
 
 
 @triton.jit
+def _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, smask, DOT_PREC: tl.constexpr):
+    """One key tile of an online softmax (flash-attention): scores of q [BLOCK_M, BLOCK_D] against kk
+    [BLOCK_N, BLOCK_D] (positions outside ``smask`` [BLOCK_M, BLOCK_N] excluded), base-2 running max ``m_i``,
+    sum ``l_i`` and fp32 accumulator ``acc`` [BLOCK_M, BLOCK_D] updated with vv [BLOCK_N, BLOCK_D]."""
+    # [BLOCK_M, BLOCK_N]
+    s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
+    s = tl.where(smask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def partial_row(sel_ptr, hq, hkv, t, rmask, T, HQ0, KSEL, j, GROUP: tl.constexpr):
+    """Row of slot ``j`` of queries ``t`` (head ``hq``) in a chunk's partial buffers, and whether the routing
+    filled that slot (``sel >= 0``; rows outside ``rmask`` are never valid)."""
+    if GROUP:
+        hr = hkv
+    else:
+        hr = hq
+    ok = rmask & (tl.load(sel_ptr + (hr * T + t) * KSEL + j, mask=rmask, other=-1) >= 0)
+    return ((hq - HQ0) * T + t) * KSEL + j, ok
+
+
+@triton.jit
 def _list_fwd_kernel(
     q_ptr, k_ptr, v_ptr, opart_ptr, lpart_ptr,
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,
@@ -118,14 +146,7 @@ def _list_fwd_kernel(
                          mask=dmask[None, :], other=0.0)
             vv = tl.load(v_ptr + offs_n[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
                          mask=dmask[None, :], other=0.0)
-            # [BLOCK_M, BLOCK_N]
-            s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, me[:, None], DOT_PREC)
         l_safe = tl.where(me, l_i, 1.0)
         row = ((hq - HQ0) * T + t) * KSEL + slot
         tl.store(lpart_ptr + row, tl.where(me, m_i, 0.0) + tl.log2(l_safe), mask=me)
@@ -175,29 +196,17 @@ def _combine_fwd_kernel(
                      mask=kmask[:, None] & dmask[None, :], other=0.0)
         vv = tl.load(v_ptr + kv_rows[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
                      mask=kmask[:, None] & dmask[None, :], other=0.0)
-        # [BLOCK_M, BLOCK_N]
-        s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-        s = tl.where((offs_n[None, :] <= offs_m[:, None]) & kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
-        m_i = m_new
+        causal = (offs_n[None, :] <= offs_m[:, None]) & kmask[None, :]
+        m_i, l_i, acc = _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, causal, DOT_PREC)
     # rows past the block end have m_i = -inf; keep them finite (they are not stored)
     m_i = tl.where(mrow, m_i, 0.0)
     l_i = tl.where(mrow, l_i, 1.0)
     lse = m_i + tl.log2(l_i)
     o = acc / l_i[:, None]
     if KSEL > 0:
-        if GROUP:
-            hr = hkv
-        else:
-            hr = hq
         # merge the KSEL partials (lse, o): running max in base 2, fp32
         for j in range(KSEL):
-            ok = mrow & (tl.load(sel_ptr + (hr * T + t) * KSEL + j, mask=mrow, other=-1) >= 0)
-            row = ((hq - HQ0) * T + t) * KSEL + j
+            row, ok = partial_row(sel_ptr, hq, hkv, t, mrow, T, HQ0, KSEL, j, GROUP)
             lp = tl.load(lpart_ptr + row, mask=ok, other=float("-inf"))
             op = tl.load(opart_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
