@@ -3,6 +3,7 @@
     python -m train                                   # the tiny model on the stdlib corpus, MoBA
     python -m train moba.block_size=256 moba.top_k=4 data.seq_len=2048 hydra.run.dir=runs/x
     python -m train -m moba.block_size=128,256 moba.top_k=2,3      # a sweep (one run per combination)
+    python -m train.compare multirun/<date>/<time>                 # compare its runs (train/compare.py)
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from .config import RunConfig, check_known_keys, from_checkpoint_unless_overridden, register_configs
 from .distributed import quiet_deepspeed
 from .rundir import claim_run_dir, register_resolvers
+from .sweep import register_resolvers as register_sweep_resolvers
+from .sweep import sweep_record
 
 register_configs()
 register_resolvers()  # ${launch_time:...} in hydra.run.dir: the same directory on every rank
+register_sweep_resolvers()  # ${sweep_subdir:...} in hydra.sweep.subdir: short job folders (train/sweep.py)
 log = logging.getLogger("train")
 
 
@@ -57,7 +61,8 @@ def main(cfg: DictConfig) -> float | None:
 
     # One launch at a time owns the run directory (and every rank has the same one): train/rundir.py.
     with claim_run_dir(run_dir, Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else None):
-        result = run(run_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        # config.json keeps the full command-line overrides (and a sweep job's swept settings) beside the config.
+        result = run(run_cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **sweep_record()})
     return result.get("val_loss")  # what a Hydra sweeper would optimise
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moba_core import MoBAConfig
 from moba_core.attention import triton_available
-from moba_core.schedule import check_schedule, uses_moba
+from moba_core.schedule import Schedule, uses_moba
 
 from .eval_tasks import check_tasks
 
@@ -73,12 +73,22 @@ CHECKPOINT_FIELDS = SHAPE_FIELDS + ("rope_theta", "max_position_embeddings", "ti
 
 
 @dataclass
+class LayerMoBASettings:
+    """One entry of ``moba.layers``: settings of chosen layers, e.g. ``{layer: [0, 1], block_size: 64}``."""
+
+    layer: Any = None  # a layer index or a list of them (negative = from the last layer)
+    block_size: int | None = None  # these layers' block size (tokens); None = moba.block_size
+    top_k: int | None = None  # these layers' top-k; None = moba.top_k
+
+
+@dataclass
 class MoBASettings:
     block_size: int = 128  # keys per MoBA block (tokens); positive multiple of 16
     top_k: int = 3  # blocks per query, counting its own block
     full_attn_layers: Any = field(default_factory=list)  # layer indices kept full; an int N = the last N layers
     group_routing: bool = False  # one routing choice per KV group instead of per query head
     backend: str = "auto"  # auto | triton | flash | reference
+    layers: list[LayerMoBASettings] = field(default_factory=list)  # per-layer block_size / top_k overrides
     decode: str = "moba"  # attention after a KV cache (generation): moba (same routing) | full (whole cache)
 
     def __post_init__(self):
@@ -96,8 +106,29 @@ class MoBASettings:
             full_attn_layers=self.full_layer_indices(),
             group_routing=self.group_routing,
             backend=self.backend,
+            layers=self.layer_overrides(),
             decode=self.decode,
         )
+
+    def layer_overrides(self) -> dict[int, dict[str, int]]:
+        """``layers`` as ``MoBAConfig.layers``: ``{layer index: {"block_size": ..., "top_k": ...}}``.
+
+        Raises:
+            ValueError: an entry without a layer index or without a setting, or a layer given twice.
+        """
+        out = {}
+        for entry in self.layers:
+            ids = entry.layer if isinstance(entry.layer, (list, tuple)) else [entry.layer]
+            over = {k: getattr(entry, k) for k in ("block_size", "top_k") if getattr(entry, k) is not None}
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or not over:
+                raise ValueError(f"moba.layers entry (layer={entry.layer!r}, block_size={entry.block_size!r}, "
+                                 f"top_k={entry.top_k!r}) needs a layer index (or a list of them) and block_size "
+                                 "and/or top_k")
+            for i in ids:
+                if i in out:
+                    raise ValueError(f"moba.layers sets layer {i} twice")
+                out[i] = over
+        return out
 
     def full_layer_indices(self) -> list[int]:
         """``full_attn_layers`` as indices (an int N becomes the last N layers, as negative indices)."""
@@ -107,11 +138,19 @@ class MoBASettings:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "moba"  # moba | full | full_then_moba | moba_then_full
+    name: str = "moba"  # moba | full | full_then_moba | moba_then_full | gradual
     switch_fraction: float = 0.9  # fraction of train.max_steps at which a two-phase schedule switches
+    start_fraction: float = 0.0  # gradual: fraction of train.max_steps at which the first layer switches
+    end_fraction: float = 1.0  # gradual: fraction of train.max_steps by which every layer has switched
+    order: Any = "first_to_last"  # gradual: first_to_last | last_to_first | a list of the MoBA layers' indices
+    reverse: bool = False  # gradual: false = layers move full -> MoBA; true = MoBA -> full
 
     def __post_init__(self):
-        check_schedule(self.name, self.switch_fraction)
+        self.to_schedule()  # Schedule checks every field
+
+    def to_schedule(self) -> Schedule:
+        order = self.order if isinstance(self.order, str) else list(self.order)
+        return Schedule(self.name, self.switch_fraction, self.start_fraction, self.end_fraction, order, self.reverse)
 
 
 @dataclass
@@ -266,6 +305,10 @@ class RunConfig:
                 f"data.seq_len={self.data.seq_len} is smaller than moba.block_size={self.moba.block_size}: "
                 "MoBA needs at least one block per sequence"
             )
+        for i, over in self.moba.layer_overrides().items():
+            if moba_runs and self.data.seq_len < over.get("block_size", 0):
+                raise ValueError(f"data.seq_len={self.data.seq_len} is smaller than moba.layers' block_size="
+                                 f"{over['block_size']} of layer {i}: MoBA needs at least one block per sequence")
         if moba_runs and self.moba.backend == "triton":
             self.check_triton_usable()
         if self.train.eval_tasks and (self.parallel.sp_size > 1 or self.parallel.zero_stage == 3):
@@ -286,8 +329,9 @@ class RunConfig:
             f = self.moba.full_attn_layers
             if isinstance(f, int) and f > layers:
                 raise ValueError(f"moba.full_attn_layers={f} asks for more full layers than the model's {layers}")
-            if moba_runs:
-                self.moba.to_moba_config().moba_layers(layers)  # raises on an index outside the model
+            if moba_runs:  # raise on an index outside the model
+                moba_layers = self.moba.to_moba_config().moba_layers(layers)
+                self.schedule.to_schedule().moba_layers_at(0, self.train.max_steps, moba_layers, layers)
 
     def check_triton_usable(self) -> None:
         """``moba.backend=triton`` runs our Triton kernels: it needs Triton and a CUDA device (on a CPU only

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from moba_core.hf import apply_moba, set_moba_layers
-from moba_core.schedule import moba_active
 
 from . import checkpoint as ckpt
 from . import data_identity
@@ -192,6 +191,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     lm = build_model(cfg.model, tokenizer.vocab_size)
     num_layers = lm.config.num_hidden_layers
     moba_cfg = cfg.moba.to_moba_config()
+    schedule = cfg.schedule.to_schedule()
     # Every layer goes through moba_core's attention function (full layers are document-masked too);
     # the schedule below decides when the MoBA layers run MoBA.
     if sp_group is not None:
@@ -244,11 +244,25 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     train_iter = iter(train_loader)
     last = {}
 
-    def use_schedule_of(s: int) -> int:
+    # Each MoBA layer's own block size and top-k (moba.layers), for the FLOP count.
+    layer_cfgs = {i: moba_cfg.for_layer(i, num_layers) for i in moba_layer_ids}
+    current: list[int] | None = None
+
+    def use_schedule_of(s: int) -> list[int]:
         """Set every MoBA layer to MoBA or full attention as the schedule has it at optimizer step ``s``
-        (0-based); returns how many layers run MoBA."""
-        active = moba_active(cfg.schedule.name, s, cfg.train.max_steps, cfg.schedule.switch_fraction)
-        return set_moba_layers(lm, moba_layer_ids if active else [])
+        (0-based); returns the layers that run MoBA. Logs the layers whose attention changes."""
+        nonlocal current
+        layers = schedule.moba_layers_at(s, cfg.train.max_steps, moba_layer_ids, num_layers)
+        if info.is_main and current is None:
+            log.info("schedule %s: MoBA in layers %s, full attention in %s", schedule.name, layers,
+                     [i for i in range(num_layers) if i not in layers])
+        elif info.is_main and layers != current:  # step numbers as in metrics.jsonl (1 = the first step)
+            for i in sorted(set(layers) ^ set(current)):
+                log.info("schedule %s: layer %d %s from step %d on (%d of %d layers run MoBA)", schedule.name, i,
+                         "full -> MoBA" if i in layers else "MoBA -> full", s + 1, len(layers), num_layers)
+        current = layers
+        set_moba_layers(lm, layers)
+        return layers
 
     # An evaluation uses the attention of the step it evaluates: step 0's before training, else that of the
     # last step trained (set below for every step this launch trains).
@@ -264,7 +278,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     preempt = PreemptionFlag()
     while step < cfg.train.max_steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        n_moba = use_schedule_of(step)
+        moba_now = use_schedule_of(step)
         t0 = time.perf_counter()
         loss_sum, n_valid, n_tok, flops = 0.0, 0.0, 0, 0.0
         fulls = [next(train_iter) for _ in range(cfg.train.grad_accum)]  # the whole step's micro-batches
@@ -280,9 +294,14 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             n_valid += float(nv)
             n_tok += b["input_ids"].numel()  # this shard's tokens: the sum over ranks counts each once
             cu = full["cu_seqlens"]
+            pairs = {}  # (block_size, top_k) -> attended query-key pairs of this micro-batch
+            for i in moba_now:
+                key = (layer_cfgs[i].block_size, layer_cfgs[i].top_k)
+                if key not in pairs:
+                    pairs[key] = attended_keys(cu, *key)
             flops += step_flops(
                 n_nonembed, full["input_ids"].numel(), num_layers, q_dim, attended_keys(cu, None, 1),
-                attended_keys(cu, moba_cfg.block_size, moba_cfg.top_k) if n_moba else 0, n_moba,
+                [pairs[(layer_cfgs[i].block_size, layer_cfgs[i].top_k)] for i in moba_now],
                 hc.vocab_size, hc.hidden_size,
             )
         if info.device.type == "cuda":
@@ -303,7 +322,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                 "tokens": tokens,
                 "tokens_per_s": n_tok / dt,
                 "mfu": flops / dt / (peak * info.world_size) if peak else None,
-                "moba_layers": n_moba,
+                "moba_layers": len(moba_now),  # how many layers ran MoBA in this step
+                "moba_layer_ids": moba_now,  # which (the others ran full attention)
                 "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
             }
             metrics.log(last)

@@ -67,7 +67,8 @@ class MetricsLogger:
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=metrics["step"])
+            scalars = {k: v for k, v in metrics.items() if v is not None and k != "step" and not isinstance(v, list)}
+            self.wandb.log(scalars, step=metrics["step"])  # lists (moba_layer_ids) stay in metrics.jsonl
         if self.bar is not None:
             self.bar.n = metrics["step"]
             self.bar.set_postfix(

@@ -212,11 +212,13 @@ def attended_keys(cu_seqlens: torch.Tensor, block_size: int | None, top_k: int) 
 
 
 def step_flops(n_params_nonembed: int, n_tokens: int, num_layers: int, q_dim: int, pairs_full: int,
-               pairs_moba: int, moba_layers: int, vocab: int, hidden: int) -> float:
+               pairs_moba: list[int], vocab: int, hidden: int) -> float:
     """Model FLOPs of forward + backward: 6 N per token for the dense weights (LM head included), plus
-    12 x q_dim per attended query-key pair and layer (QK^T and PV, x3 for fwd+bwd)."""
+    12 x q_dim per attended query-key pair and layer (QK^T and PV, x3 for fwd+bwd). ``pairs_moba``: the
+    pairs of each layer that runs MoBA (layers may have their own block size and top-k); the other
+    layers attend ``pairs_full``."""
     dense = 6.0 * (n_params_nonembed + vocab * hidden) * n_tokens
-    attn = 12.0 * q_dim * (pairs_moba * moba_layers + pairs_full * (num_layers - moba_layers))
+    attn = 12.0 * q_dim * (sum(pairs_moba) + pairs_full * (num_layers - len(pairs_moba)))
     return dense + attn
 
 
