@@ -3,13 +3,14 @@
     python -m train.compare multirun/2026-11-30/03-20-00          # every job of a sweep
     python -m train.compare runs/b128 runs/b256 --out results/b   # any run directories
 
-For each run: the settings that differ between the runs (a sweep's swept keys, as its jobs' config.json
-record them), the number of steps, the final and best validation loss, the final trailing-token loss
-(``val_loss_tail``: tokens in the second half of long documents), the last training loss, the median
-tokens/s over the logged steps (the first step, which includes compilation and warm-up, is left out when
-there are others) and the peak GPU memory. The table is printed and written as ``compare.md``; the loss
-curves (training loss per step, validation loss per evaluation) as ``compare.png``, both into ``--out``
-(default: the sweep directory when one is given, else the runs' common parent directory).
+For each run: the settings of a sweep (its swept keys, as its jobs' config.json record them) and every
+other setting that differs between the runs, the number of steps, the final and best validation loss, the
+final trailing-token loss (``val_loss_tail``: tokens in the second half of long documents), the last
+training loss, the median tokens/s over the logged steps (the first step, which includes compilation and
+warm-up, is left out when there are others) and the peak GPU memory. The table is printed and written as
+``compare.md``; the loss curves (training loss per step, validation loss per evaluation) as
+``compare.png``, both into ``--out`` (default: the sweep directory when one is given, else the runs'
+common parent directory).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .rundir import flatten
 
 # Keys of config.json that are records of a launch, not settings to compare.
 NOT_SETTINGS = ("overrides", "sweep", "data_identity", "logging.wandb.name", "checkpoint.dir")
+LABEL_MAX = 60  # characters of a legend entry; a longer one is replaced by the run's folder name
 
 
 def is_run_dir(path: Path) -> bool:
@@ -67,20 +69,27 @@ def load_run(run_dir: Path) -> dict:
     return {
         "dir": run_dir,
         "config": flatten({k: v for k, v in config.items() if k not in ("overrides", "sweep")}),
-        "swept": list((sweep.get("swept") or {}).keys()),
+        "swept": dict(sweep.get("swept") or {}),
         "metrics": read_records(run_dir / "metrics.jsonl"),
         "evals": read_records(run_dir / "eval.jsonl"),
     }
 
 
 def compared_settings(runs: list[dict]) -> list[str]:
-    """The settings to show: the keys any run's sweep swept, else those whose values differ between runs."""
-    swept = [k for r in runs for k in r["swept"]]
-    if swept:
-        return list(dict.fromkeys(swept))
+    """The settings to show: the keys the runs' sweeps swept, then every other setting whose value differs
+    between the runs (a key under a swept config group, e.g. ``model.*`` when ``model`` was swept, is left
+    out: the group's choice shows it)."""
+    swept = list(dict.fromkeys(k for r in runs for k in r["swept"]))
     keys = sorted({k for r in runs for k in r["config"]})
-    return [k for k in keys if not k.startswith(NOT_SETTINGS)
-            and len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+    differ = [k for k in keys if k not in swept and not k.startswith(NOT_SETTINGS)
+              and not any(k.startswith(g + ".") for g in swept)
+              and len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+    return swept + differ
+
+
+def setting(run: dict, key: str):
+    """A run's value of ``key``: from its config, else (a swept config group such as ``model``) its sweep."""
+    return run["config"][key] if key in run["config"] else run["swept"].get(key)
 
 
 def summarise(run: dict) -> dict:
@@ -114,8 +123,8 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 def label(run: dict, settings: list[str]) -> str:
     """A run's name in the legend: its compared settings (``moba.block_size=64``), else its folder."""
-    parts = [f"{k}={_fmt(run['config'].get(k))}" for k in settings]
-    return ", ".join(parts) if parts else run["dir"].name
+    name = ", ".join(f"{k}={_fmt(setting(run, k), '.6g')}" for k in settings)
+    return name if name and len(name) <= LABEL_MAX else run["dir"].name
 
 
 def markdown_table(runs: list[dict], settings: list[str]) -> str:
@@ -126,7 +135,7 @@ def markdown_table(runs: list[dict], settings: list[str]) -> str:
     for r in runs:
         s = summarise(r)
         best = "n/a" if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f} ({s['best_step']})"
-        row = [r["dir"].name, *(_fmt(r["config"].get(k)) for k in settings), str(s["steps"]),
+        row = [r["dir"].name, *(_fmt(setting(r, k), ".6g") for k in settings), str(s["steps"]),
                _fmt(s["final_val_loss"]), best, _fmt(s["val_loss_tail"]), _fmt(s["train_loss"]),
                _fmt(s["tokens_per_s"], ".0f"), _fmt(s["peak_mem_gb"], ".2f")]
         lines.append("| " + " | ".join(row) + " |")

@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import pytest
 from omegaconf import OmegaConf
 
+from train.compare import compared_settings, load_run
 from train.compare import main as compare_main
 from train.sweep import SUBDIR_MAX, job_subdir, sanitise, swept_keys
 
@@ -90,3 +91,16 @@ def test_two_point_cpu_sweep_and_its_comparison(tmp_path, data_cache, capsys):
 def test_compare_refuses_a_directory_without_runs(tmp_path, capsys):
     assert compare_main([str(tmp_path)]) == 2
     assert f"RUN_DIR {tmp_path} is neither a run directory" in capsys.readouterr().err
+
+
+def test_compared_settings_are_the_swept_keys_then_the_other_differences(tmp_path):
+    """A sweep job (swept: model, moba.block_size) beside a plain run: the swept keys first (a swept group's
+    own keys left out), then the other settings that differ; records of the launch are never settings."""
+    runs = {"a": {"model": {"name": "tiny", "num_layers": 4}, "moba": {"block_size": 32, "top_k": 3},
+                  "overrides": ["model=tiny"], "sweep": {"swept": {"model": "tiny", "moba.block_size": "32"}}},
+            "b": {"model": {"name": "llama_1b", "num_layers": 16}, "moba": {"block_size": 32, "top_k": 2},
+                  "overrides": [], "sweep": None, "data_identity": {"corpus": "x"}}}
+    for name, cfg in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    assert compared_settings([load_run(tmp_path / n) for n in runs]) == ["model", "moba.block_size", "moba.top_k"]
