@@ -172,7 +172,7 @@ def load_model(t: Target, vocab_size: int, device: torch.device):
             f = t.weights / "mp_rank_00_model_states.pt"
             state = torch.load(f, map_location="cpu", weights_only=False)["module"]
         state = {k.removeprefix("lm."): v.float() for k, v in state.items()}
-        lm.load_state_dict(state, strict=False)
+        lm.load_state_dict(state)
     return lm.to(device).eval()
 
 

@@ -122,3 +122,10 @@ def test_bad_eval_settings(kwargs, message):
 def test_bad_target(tmp_path):
     with pytest.raises(ValueError, match="is neither a run directory"):
         evaluate_targets(EvalConfig(eval=EvalSettings(targets=[str(tmp_path)])))
+
+
+def test_default_lengths_quarter_half_and_trained():
+    from train.eval import default_lengths
+
+    assert default_lengths(1024) == [256, 512, 1024]
+    assert default_lengths(200) == [100, 200]  # 50 is below the 64-token floor
