@@ -40,6 +40,10 @@ class ModelConfig:
     num_heads: int | None = 4  # query heads
     num_kv_heads: int | None = 2  # key/value heads (GQA when < num_heads)
     rope_theta: float | None = None  # RoPE base; None = 10000 for a fresh model, the checkpoint's value otherwise
+    # RoPE scaling for context extension, in transformers' rope_scaling format, e.g. {rope_type: yarn, factor: 4.0,
+    # original_max_position_embeddings: 8192} (rope_type: linear | dynamic | yarn | llama3); None = the checkpoint's
+    # (none for a fresh model); {rope_type: default} = no scaling
+    rope_scaling: Any = None
     max_position_embeddings: int | None = 131072  # largest position the model is configured for (tokens)
     tie_embeddings: bool | None = True  # share input embedding and LM head weights
     init_std: float = 0.02  # std of the normal init of fresh weights
@@ -53,6 +57,8 @@ class ModelConfig:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
         if self.rope_theta is not None and self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta={self.rope_theta} must be > 0")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.init_std <= 0:
             raise ValueError(f"model.init_std={self.init_std} must be > 0")
         if None in (self.num_heads, self.num_kv_heads, self.hidden_size):
@@ -69,7 +75,25 @@ class ModelConfig:
 
 # Fields of ModelConfig that fix the shape of the weights, and every field an HF checkpoint carries.
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
-CHECKPOINT_FIELDS = SHAPE_FIELDS + ("rope_theta", "max_position_embeddings", "tie_embeddings")
+CHECKPOINT_FIELDS = SHAPE_FIELDS + ("rope_theta", "rope_scaling", "max_position_embeddings", "tie_embeddings")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # model.rope_scaling's rope_type values
+
+
+def check_rope_scaling(scaling) -> None:
+    """``model.rope_scaling`` must be a dict with ``rope_type`` (or the older ``type``) in ``ROPE_TYPES`` and,
+    unless ``default``, a ``factor`` > 0 (transformers checks the other keys when the model is built).
+
+    Raises:
+        ValueError: naming ``model.rope_scaling`` and the value.
+    """
+    if not isinstance(scaling, dict):
+        raise ValueError(f"model.rope_scaling={scaling!r} must be a dict such as {{rope_type: linear, factor: 2.0}}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"model.rope_scaling={scaling!r}: rope_type must be one of {', '.join(ROPE_TYPES)}")
+    factor = scaling.get("factor")
+    if kind != "default" and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+        raise ValueError(f"model.rope_scaling={scaling!r}: rope_type {kind} needs a factor > 0")
 
 
 @dataclass
@@ -211,6 +235,7 @@ class TrainLoopConfig:
     # python -m train.eval's tasks also run at every evaluation (rank 0, at data.seq_len; eval.jsonl and wandb):
     eval_tasks: list[str] = field(default_factory=list)  # position | passkey | routing; [] = none
     loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked cross-entropy
+    max_skipped_steps: int = 3  # steps in a row skipped for a NaN/inf loss or gradient before the run stops
 
     def __post_init__(self):
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "loss_chunk_tokens"):
@@ -218,6 +243,8 @@ class TrainLoopConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0 = evaluate only at the end)")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = stop at the first)")
         check_tasks(self.eval_tasks, "train.eval_tasks")
 
 

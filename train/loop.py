@@ -22,12 +22,14 @@ from . import data_identity
 from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
 from .eval import tasks_during_training
+from .guard import NonFiniteError, NonFiniteGuard
 from .metrics import MetricsLogger
 from .model import (
     IGNORE_INDEX,
     PackedCausalLM,
     attended_keys,
     build_model,
+    check_tokenizer_fits,
     count_params,
     model_shape,
     peak_flops,
@@ -158,6 +160,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     saved_data = data_identity.saved_identity(*resume) if resume is not None else None
     data_identity.check_corpus_unchanged(saved_data, cfg.data.path)
     tokenizer_spec = data_identity.tokenizer_spec(cfg.data.tokenizer, cfg.model.name_or_path, saved_data)
+    check_tokenizer_fits(cfg.model, tokenizer_spec, "data.tokenizer" if cfg.data.tokenizer else
+                         "model.name_or_path" if cfg.model.name_or_path else "the run's stored tokenizer")
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
     check_same_run_dir(run_dir)  # every rank writes into rank 0's run directory
     mpu = sp_group = None
@@ -209,6 +213,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
     )
+    guard = NonFiniteGuard(optimizer, info.device)  # NaN / inf steps apply no update (train/guard.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, info), mpu=mpu
@@ -286,6 +291,7 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         scale = loss_scale(shards, cfg.train.grad_accum, info)
         for full, b in zip(fulls, shards):
             ls, nv = engine(b["input_ids"], b["labels"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"])
+            guard.see_loss(ls)
             engine.backward(ls * scale)
             if engine.is_gradient_accumulation_boundary():
                 pre_clip_norm = unsharded_grad_norm(engine, cfg.parallel.zero_stage)
@@ -311,7 +317,11 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         flops /= info.sp_size  # every sp rank counted the FLOPs of the whole sample
         step += 1
         tokens += int(n_tok)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        skipped = guard.end_step(scheduler)
+        if skipped and info.is_main:
+            log.warning("step %d skipped: non-finite loss or gradient (%d in a row, train.max_skipped_steps=%d)",
+                        step, guard.in_row, cfg.train.max_skipped_steps)
+        if skipped or step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = pre_clip_norm if grad_norm is None else grad_norm
             last = {
@@ -325,14 +335,24 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                 "moba_layers": len(moba_now),  # how many layers ran MoBA in this step
                 "moba_layer_ids": moba_now,  # which (the others ran full attention)
                 "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
+                "skipped": skipped,  # the update was skipped: non-finite loss or gradient
             }
             metrics.log(last)
+        if guard.in_row > cfg.train.max_skipped_steps:
+            metrics.close()
+            good = ckpt.latest_tag(ckpt_dir)
+            raise NonFiniteError(
+                f"step {step}: the loss or gradient norm was not finite in {guard.in_row} steps in a row "
+                f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); stopped without saving. The last good "
+                + (f"checkpoint is kept: {ckpt_dir / good}" if good else "checkpoint: none was saved")
+                + "; resume from it with a lower optim.lr or a larger optim.warmup_steps"
+            )
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
             val = validate()
             metrics.log_eval(step, val)
             eval_step = step
         stop = preempt.requested(info.device)
-        if stop or step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+        if stop or (not skipped and step % cfg.checkpoint.every == 0) or step == cfg.train.max_steps:
             ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank, run_config)
         if stop:
             if info.is_main:

@@ -7,6 +7,7 @@ Hd hidden size.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,24 +28,69 @@ def _set_rope_theta(config, theta: float) -> None:
     config.rope_theta = theta
 
 
+def _set_rope_scaling(config, scaling: dict) -> None:
+    """Replace the RoPE scaling of an HF config (transformers' ``rope_scaling`` dict; the RoPE base kept)."""
+    params = {("rope_type" if k == "type" else k): v for k, v in dict(scaling).items()}
+    theta = rope_theta_of(config)
+    if hasattr(config, "rope_parameters"):  # transformers >= 5: one dict holds the base and the scaling
+        config.rope_parameters = {**params, "rope_theta": theta if theta is not None else 10000.0}
+    else:
+        config.rope_scaling = None if params.get("rope_type") == "default" else params
+
+
+def rope_scaling_of(hf_cfg) -> dict | None:
+    """The RoPE scaling of an HF config as a ``model.rope_scaling`` dict (None = no scaling)."""
+    rope = getattr(hf_cfg, "rope_parameters", None)
+    if not isinstance(rope, dict):
+        rope = getattr(hf_cfg, "rope_scaling", None)
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) == "default":
+        return None
+    return {k: v for k, v in rope.items() if k != "rope_theta"}
+
+
 # ModelConfig field -> the attribute of an HF config that holds it.
 HF_NAMES = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
             "tie_embeddings": "tie_word_embeddings"}
 
 
-def checkpoint_config(cfg: ModelConfig):
+# Files that hold an HF checkpoint's weights (one of them must be in model.name_or_path).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_checkpoint_dir(path: str) -> None:
+    """Refuse a ``model.name_or_path`` that is not a directory, or that holds no weights file (``WEIGHT_FILES``).
+
+    Raises:
+        ValueError: naming ``model.name_or_path`` and the path.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"model.name_or_path={path!r} does not exist (a local HF checkpoint directory is expected)")
+    if not p.is_dir():
+        raise ValueError(f"model.name_or_path={path!r} is not a directory (an HF checkpoint directory is expected)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model.name_or_path={path!r} holds no config.json: not an HF checkpoint directory")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise ValueError(f"model.name_or_path={path!r} holds no weights (none of {', '.join(WEIGHT_FILES)})")
+
+
+def checkpoint_config(cfg: ModelConfig, log_changes: bool = False):
     """The HF config of ``model.name_or_path`` with the settings given on the command line applied.
 
     Fields left None keep the checkpoint's values. ``rope_theta`` and ``max_position_embeddings`` replace
     the checkpoint's; a shape field (or ``tie_embeddings``) must equal the checkpoint's, since its
-    weights have that shape.
+    weights have that shape. With ``log_changes``, each replaced value is logged ("rope_theta 500000.0 ->
+    1000000.0").
 
     Raises:
-        ValueError: ``model.name_or_path`` is not an HF checkpoint, or a shape field differs from it.
+        ValueError: ``model.name_or_path`` does not exist, holds no weights or is not an HF checkpoint, or a
+            shape field differs from it.
     """
     from transformers import AutoConfig
 
+    check_checkpoint_dir(cfg.name_or_path)
     try:
         hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path)
     except (OSError, ValueError) as e:
@@ -58,11 +104,48 @@ def checkpoint_config(cfg: ModelConfig):
                 f"model.{key}={want} differs from the checkpoint's {have} (model.name_or_path={cfg.name_or_path!r}): "
                 f"its weights have that shape; drop model.{key} to keep the checkpoint's"
             )
+    changes = []
+    if cfg.rope_scaling is not None:
+        old = rope_scaling_of(hf_cfg)
+        _set_rope_scaling(hf_cfg, cfg.rope_scaling)
+        changes.append(("rope_scaling", old, rope_scaling_of(hf_cfg)))
     if cfg.rope_theta is not None:
+        changes.append(("rope_theta", rope_theta_of(hf_cfg), float(cfg.rope_theta)))
         _set_rope_theta(hf_cfg, cfg.rope_theta)
     if cfg.max_position_embeddings is not None:
+        changes.append(("max_position_embeddings", hf_cfg.max_position_embeddings, cfg.max_position_embeddings))
         hf_cfg.max_position_embeddings = cfg.max_position_embeddings
+    for key, old, new in changes:
+        if log_changes and old != new:
+            log.info("model.%s overrides the checkpoint's: %s %s -> %s", key, key, old, new)
     return hf_cfg
+
+
+def check_tokenizer_fits(cfg: ModelConfig, spec: str | None, setting: str) -> None:
+    """Load the tokenizer ``spec`` (a ``data.tokenizer`` value) once, before any data work, and check that its
+    vocabulary fits the embeddings of ``model.name_or_path`` (when set). ``setting`` names where ``spec``
+    comes from (``data.tokenizer`` or ``model.name_or_path``). A None ``spec`` (a SentencePiece model trained
+    on the corpus) is not checked.
+
+    Raises:
+        ValueError: the tokenizer cannot be read (naming ``setting`` and the path), or its vocabulary is
+            larger than the model's ``vocab_size``.
+    """
+    from data import load_tokenizer
+
+    if spec is None:
+        return
+    try:
+        tok = load_tokenizer(spec, corpus_id="", train_texts=None, cache_dir=Path("."))
+    except Exception as e:  # sentencepiece raises RuntimeError on a corrupt model, transformers OSError, ...
+        raise ValueError(f"{setting}: the tokenizer {spec!r} cannot be read: {type(e).__name__}: {e}") from e
+    if cfg.name_or_path:
+        vocab = checkpoint_config(cfg).vocab_size
+        if tok.vocab_size > vocab:
+            raise ValueError(
+                f"{setting}: the tokenizer {spec!r} has {tok.vocab_size} tokens, more than the {vocab} embeddings "
+                f"of model.name_or_path={cfg.name_or_path!r}; use the model's own tokenizer"
+            )
 
 
 def rope_theta_of(hf_cfg) -> float | None:
@@ -85,19 +168,36 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             the command line differs from it, or its vocabulary is smaller than the tokenizer's
             (``vocab_size``).
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    hf_cfg = hf_config(cfg, vocab_size, log_changes=True)
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
+        log.info("loaded %s (%.1fM parameters, rope_theta %s, rope_scaling %s)", cfg.name_or_path,
+                 count_params(model) / 1e6, rope_theta_of(model.config), rope_scaling_of(model.config))
+        return model
+    model = LlamaForCausalLM(hf_cfg)
+    log.info("initialised %s (%.1fM parameters)", cfg.name, count_params(model) / 1e6)
+    return model
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, log_changes: bool = False):
+    """The HF config of the model ``build_model`` makes (the checkpoint's with the command line's changes,
+    or a fresh Llama's), without building it.
+
+    Raises:
+        ValueError: as ``checkpoint_config``; or the checkpoint's vocabulary is smaller than ``vocab_size``.
+    """
+    from transformers import LlamaConfig
 
     if cfg.name_or_path:
-        hf_cfg = checkpoint_config(cfg)
+        hf_cfg = checkpoint_config(cfg, log_changes=log_changes)
         if hf_cfg.vocab_size < vocab_size:
             raise ValueError(
                 f"model.name_or_path={cfg.name_or_path!r} has vocab_size={hf_cfg.vocab_size} but the tokenizer "
                 f"has {vocab_size}; set data.tokenizer to the model's tokenizer"
             )
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
-        log.info("loaded %s (%.1fM parameters, rope_theta %s)", cfg.name_or_path, count_params(model) / 1e6,
-                 rope_theta_of(model.config))
-        return model
+        return hf_cfg
     hf_cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -111,9 +211,9 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         attention_dropout=0.0,
     )
     _set_rope_theta(hf_cfg, cfg.rope_theta if cfg.rope_theta is not None else 10000.0)
-    model = LlamaForCausalLM(hf_cfg)
-    log.info("initialised %s (%.1fM parameters)", cfg.name, count_params(model) / 1e6)
-    return model
+    if cfg.rope_scaling is not None:
+        _set_rope_scaling(hf_cfg, cfg.rope_scaling)
+    return hf_cfg
 
 
 def model_shape(cfg: ModelConfig) -> tuple[int, int, int]:
