@@ -221,3 +221,38 @@ def apply_moba(model, cfg: MoBAConfig, name: str = ATTN_IMPLEMENTATION, fn=moba_
     else:
         model.config._attn_implementation = name
     return layers
+
+
+def moba_config_from_record(record: dict, backend: str = "auto") -> MoBAConfig:
+    """A ``MoBAConfig`` from the ``moba`` dict that ``python -m train.export`` writes into ``config.json``
+    (block_size, top_k, full_attn_layers, layers, group_routing, decode); ``backend`` is the machine's choice.
+
+    Raises:
+        ValueError: a record without block_size / top_k, or settings ``MoBAConfig`` refuses.
+    """
+    if not isinstance(record, dict) or "block_size" not in record or "top_k" not in record:
+        raise ValueError(f"the model's 'moba' settings {record!r} need block_size and top_k")
+    return MoBAConfig(block_size=record["block_size"], top_k=record["top_k"],
+                      full_attn_layers=list(record.get("full_attn_layers", [])),
+                      group_routing=bool(record.get("group_routing", False)), backend=backend,
+                      layers={int(i): dict(o) for i, o in (record.get("layers") or {}).items()},
+                      decode=record.get("decode", "moba"))
+
+
+def load_moba_model(path, backend: str = "auto", **kwargs):
+    """Load an exported model (``python -m train.export``) with the MoBA settings recorded in its config:
+    ``AutoModelForCausalLM.from_pretrained(path, **kwargs)``, then ``apply_moba`` with the config's ``moba``
+    dict (``moba_config_from_record``).
+
+    Raises:
+        ValueError: the config holds no ``moba`` settings (not a model exported with MoBA).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    record = getattr(model.config, "moba", None)
+    if record is None:
+        raise ValueError(f"{path}: config.json has no 'moba' settings; export it with python -m train.export, or "
+                         "call apply_moba(model, MoBAConfig(...)) yourself")
+    apply_moba(model, moba_config_from_record(record, backend))
+    return model

@@ -22,6 +22,7 @@ from . import data_identity
 from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
 from .eval import tasks_during_training
+from .export import moba_record
 from .guard import NonFiniteError, NonFiniteGuard
 from .metrics import MetricsLogger
 from .model import (
@@ -377,7 +378,8 @@ def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         need_eval = False
     preempt.phase = "the HF export"
     if need_export and not preempt.requested(info.device):
-        export_hf(engine, lm, tokenizer, run_dir / "hf", info, cfg.parallel.zero_stage, step)
+        export_hf(engine, lm, tokenizer, run_dir / "hf", info, cfg.parallel.zero_stage, step,
+                  moba_record(cfg, num_layers, step))
         need_export = False
     preempt.restore()
     metrics.close()
@@ -400,11 +402,13 @@ def exported_step(out_dir: Path) -> int | None:
         return None
 
 
-def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: int, step: int) -> None:
+def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: int, step: int,
+              moba: dict | None = None) -> None:
     """Write the model as an HF checkpoint (config + safetensors, and the tokenizer) that
-    ``model.name_or_path`` can load, with ``moba_export.json`` naming ``step``. It is written beside
-    ``out_dir`` and renamed into place, so ``out_dir`` is never half written. Collective under ZeRO-3
-    (parameters are gathered); rank 0 writes."""
+    ``model.name_or_path`` can load, with ``moba_export.json`` naming ``step`` and the MoBA settings
+    ``moba`` (``train.export.moba_record``) in its config (``moba_core.hf.load_moba_model`` reapplies them).
+    It is written beside ``out_dir`` and renamed into place, so ``out_dir`` is never half written.
+    Collective under ZeRO-3 (parameters are gathered); rank 0 writes."""
     import deepspeed
 
     params = list(lm.parameters())
@@ -415,6 +419,8 @@ def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: 
             shutil.rmtree(tmp, ignore_errors=True)
             attn = lm.config._attn_implementation
             lm.config._attn_implementation = "sdpa"  # the saved model loads without moba_core registered
+            if moba is not None:
+                lm.config.moba = moba
             lm.save_pretrained(tmp, safe_serialization=True)
             lm.config._attn_implementation = attn
             tokenizer.save(tmp)
