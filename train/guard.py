@@ -56,12 +56,12 @@ class NonFiniteGuard:
             self.loss_bad = True
 
     def _bad(self) -> bool:
-        bad = self.loss_bad
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if not bad and p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    bad = True
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+        # One device-side flag per gradient, one host read in all (no sync per parameter on a GPU).
+        finite = [torch.isfinite(p.grad).all() for g in self.optimizer.param_groups for p in g["params"]
+                  if p.grad is not None]
+        flag = torch.tensor([1.0 if self.loss_bad else 0.0], device=self.device)
+        if finite:
+            flag = torch.maximum(flag, (~torch.stack(finite).all()).float().to(self.device).reshape(1))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
