@@ -36,7 +36,7 @@ from .model import (
     peak_flops,
     step_flops,
 )
-from .preemption import PreemptionFlag
+from .preemption import PreemptionFlag, restore_signal_handlers
 from .rundir import check_same_run_dir, record_config
 from .sequence_parallel import init_sp_groups, shard_batch, sp_attention
 
@@ -144,6 +144,15 @@ def evaluate(engine, val_loader, info: DistInfo, batches: int, tail_from: int) -
 
 
 def run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
+    """Train one stage as configured (``_run``); returns the final metrics. However it ends, the signal
+    handlers it installed (``PreemptionFlag``) are put back."""
+    try:
+        return _run(cfg, run_dir, config_dict)
+    finally:
+        restore_signal_handlers()
+
+
+def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     """Train one stage as configured; returns the final metrics. Every check runs before GPU work."""
     import deepspeed
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_installed: list[PreemptionFlag] = []  # flags whose handlers are in place, oldest first
 
 
 class PreemptionFlag:
@@ -31,6 +32,7 @@ class PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            _installed.append(self)
 
     def _handle(self, signum, frame):
         if not self.hit:
@@ -49,5 +51,16 @@ class PreemptionFlag:
         return bool(flag.item())
 
     def restore(self) -> None:
+        """Put back the handlers that were in place before (once; later calls do nothing)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+        if self in _installed:
+            _installed.remove(self)
+
+
+def restore_signal_handlers() -> None:
+    """Restore the handlers of every flag still installed, newest first: a run that raised must not leave
+    SIGINT / SIGTERM swallowed in its process (a test session, a notebook)."""
+    for flag in reversed(list(_installed)):
+        flag.restore()

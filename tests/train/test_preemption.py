@@ -1,0 +1,31 @@
+"""The save-and-exit signal handlers are put back however a run ends: a run that raises must not leave
+SIGINT / SIGTERM swallowed in its process."""
+
+import signal
+
+import pytest
+
+from train import loop
+from train.preemption import SIGNALS, PreemptionFlag
+
+
+def test_a_run_that_raises_puts_the_signal_handlers_back(monkeypatch):
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+
+    def failing_run(*args):
+        PreemptionFlag()  # installed by the loop, which then fails before it restores them
+        assert signal.getsignal(signal.SIGINT) != before[signal.SIGINT]
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(loop, "_run", failing_run)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        loop.run(None, None, {})
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == before
+
+
+def test_restore_is_idempotent():
+    before = signal.getsignal(signal.SIGTERM)
+    flag = PreemptionFlag()
+    flag.restore()
+    flag.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
