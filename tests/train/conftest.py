@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,31 @@ SMALL = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_cpu_ops():
+    """DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op (about a minute on 2 cores) the
+    first time a process initialises ``deepspeed.comm``. Build it once, here, into a directory owned by
+    this virtual environment (not the user-wide ``~/.cache/torch_extensions``, where another checkout's
+    interrupted build leaves a ``lock`` file that makes every later build wait forever). A lock older
+    than ten minutes is such a leftover and is removed."""
+    ext_dir = Path(sys.prefix) / "torch_extensions"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(ext_dir)
+    for lock in ext_dir.glob("*/lock"):
+        if time.time() - lock.stat().st_mtime > 600:
+            lock.unlink(missing_ok=True)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                   env=env, check=True, capture_output=True, timeout=900)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """One data cache (tokenizer, packed shards) shared by every training test of the session."""
     return tmp_path_factory.mktemp("moba_cache")
 
 
-def run_train(args, run_dir, cache, nproc=1, check=True, timeout=600):
+def run_train(args, run_dir, cache, nproc=1, check=True, timeout=300):
     env = {**os.environ, "MOBA_CACHE": str(cache), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     if nproc == 1:
