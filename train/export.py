@@ -9,8 +9,9 @@ which belongs to the machine), the weights as safetensors shards, the run's toke
 config (BOS / EOS / pad ids). ``moba_core.hf.load_moba_model(out_dir)`` reloads it with MoBA in one line.
 
 Weights are the fp32 master weights of the DeepSpeed checkpoint, gathered from the ZeRO partitions of every
-rank with DeepSpeed's own ``zero_to_fp32`` (lazily: one tensor is materialised at a time and written into
-the current shard); a ZeRO-0 checkpoint's module state is read memory-mapped.
+rank with DeepSpeed's own ``zero_to_fp32`` (lazily: one tensor is materialised at a time), written one
+decoder layer per safetensors shard, so the host never holds more than one layer's fp32 copy; a ZeRO-0
+checkpoint's module state is read memory-mapped.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from .config import RunConfig, register_configs
 
 log = logging.getLogger("train.export")
 
-SHARD_BYTES = 2 * 2**30  # bytes of weights per safetensors shard
 MODULE_PREFIX = "lm."  # the training module (PackedCausalLM) holds the HF model as .lm
 
 
@@ -96,37 +96,43 @@ def moba_record(cfg: RunConfig, num_layers: int, step: int) -> dict:
             "group_routing": moba.group_routing, "decode": moba.decode}
 
 
+def _shard_group(name: str) -> str:
+    """The shard a weight goes to: ``model.layers.<i>`` for the tensors of decoder layer ``i``, the name
+    itself for the others (embeddings, final norm, LM head)."""
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return name
+
+
 def write_weights(state: dict, out: Path, tied: bool) -> None:
-    """Safetensors shards of at most ``SHARD_BYTES`` (plus an index when there are several), one tensor
-    materialised at a time; names without the training module's prefix; ``lm_head.weight`` left out when
-    tied to the input embeddings (as ``save_pretrained`` does)."""
+    """Safetensors shards of one decoder layer each (the embeddings, the final norm and the LM head in
+    shards of their own), plus ``model.safetensors.index.json`` when there are several: the host holds the
+    fp32 copy of one layer at a time, whatever the model's size. Tensors are materialised one by one from
+    ``state`` (lazy for ZeRO checkpoints); names lose the training module's prefix; ``lm_head.weight`` is
+    left out when tied to the input embeddings (as ``save_pretrained`` does)."""
     from safetensors.torch import save_file
 
     names = [n for n in state if not (tied and n == MODULE_PREFIX + "lm_head.weight")]
-    shards, cur, cur_bytes = [], {}, 0
-    weight_map = {}
-
-    def flush():
-        nonlocal cur, cur_bytes
-        if cur:
-            name = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(cur, str(out / name), metadata={"format": "pt"})
-            shards.append(name)
-            weight_map.update({k: name for k in cur})
-            cur, cur_bytes = {}, 0
-
+    groups: dict[str, list[str]] = {}
     for n in names:
-        t = state[n].contiguous().detach().to(torch.float32).clone()
-        key = n[len(MODULE_PREFIX):] if n.startswith(MODULE_PREFIX) else n
-        if cur and cur_bytes + t.numel() * 4 > SHARD_BYTES:
-            flush()
-        cur[key] = t
-        cur_bytes += t.numel() * 4
-    flush()
-    if len(shards) == 1:
-        (out / shards[0]).rename(out / "model.safetensors")
+        groups.setdefault(_shard_group(n), []).append(n)
+    shard_names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map = {}
+    for shard, members in zip(shard_names, groups.values()):
+        cur = {}
+        for n in members:
+            key = n[len(MODULE_PREFIX):] if n.startswith(MODULE_PREFIX) else n
+            cur[key] = state[n].contiguous().detach().to(torch.float32).clone()
+        save_file(cur, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in cur})
+        del cur
+    if len(shard_names) == 1:
+        (out / shard_names[0]).rename(out / "model.safetensors")
         return
-    total = sum((out / s).stat().st_size for s in shards)
+    total = sum((out / s).stat().st_size for s in shard_names)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 

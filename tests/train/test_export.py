@@ -14,12 +14,16 @@ from train.export import main as export_main
 from .conftest import run_train, small_data_args
 
 
-@pytest.mark.parametrize("zero", [pytest.param(z, id=f"zero{z}") for z in (0, 1, 3)])
-def test_export_equals_the_training_model_and_records_moba(tmp_path, small_corpus, zero):
+@pytest.mark.parametrize("zero,nproc,sp", [
+    pytest.param(0, 1, 1, id="zero0"), pytest.param(1, 1, 1, id="zero1"), pytest.param(3, 1, 1, id="zero3"),
+    # two ranks: ZeRO-2 partitions of two data-parallel ranks, ZeRO-3 shards of a sequence-parallel pair
+    pytest.param(2, 2, 1, id="zero2-dp2"), pytest.param(3, 2, 2, id="zero3-sp2")])
+def test_export_equals_the_training_model_and_records_moba(tmp_path, small_corpus, zero, nproc, sp):
     run_dir = tmp_path / "run"
-    run_train([*small_data_args(small_corpus), f"parallel.zero_stage={zero}", "train.max_steps=2",
-               "checkpoint.every=1", "checkpoint.export_hf=true", "moba.full_attn_layers=[1]",
-               "model.rope_scaling={rope_type:linear,factor:2.0}", "data.packing=pad"], run_dir, small_corpus[1])
+    run_train([*small_data_args(small_corpus), f"parallel.zero_stage={zero}", f"parallel.sp_size={sp}",
+               "train.max_steps=2", "train.micro_batch_size=1", "checkpoint.every=1", "checkpoint.export_hf=true",
+               "moba.full_attn_layers=[1]", "model.rope_scaling={rope_type:linear,factor:2.0}", "data.packing=pad"],
+              run_dir, small_corpus[1], nproc=nproc)
     out = tmp_path / "exported"
     assert export_main([str(run_dir), str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
@@ -51,6 +55,45 @@ def test_export_equals_the_training_model_and_records_moba(tmp_path, small_corpu
     with torch.no_grad():
         c = load_moba_model(tmp_path / "s1")(ids).logits
     assert not torch.allclose(a, c)
+
+
+def test_weights_are_written_one_decoder_layer_per_shard(tmp_path, monkeypatch):
+    """The host holds one layer's fp32 weights at a time: each safetensors write carries the tensors of one
+    layer (or one non-layer tensor), each tensor is materialised once, and the index names every weight."""
+    import safetensors.torch
+
+    from train import export as ex
+
+    names = ["lm.model.embed_tokens.weight", *(f"lm.model.layers.{i}.{p}" for i in range(3)
+             for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")),
+             "lm.model.layers.10.mlp.up_proj.weight", "lm.model.norm.weight", "lm.lm_head.weight"]
+    made = []
+
+    class Lazy:  # as DeepSpeed's GatheredTensor: materialised by .contiguous()
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def contiguous(self):
+            made.append(self.name)
+            return self.value
+
+    state = {n: Lazy(n, torch.full((2, 3), float(i), dtype=torch.bfloat16)) for i, n in enumerate(names)}
+    writes = []
+    real_save = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda d, f, **kw: (writes.append(sorted(d)), real_save(d, f, **kw)))
+    ex.write_weights(state, tmp_path, tied=True)
+    assert sorted(made) == sorted(names[:-1])  # the tied LM head is left out, every other tensor read once
+    assert writes == [["model.embed_tokens.weight"],
+                      *([f"model.layers.{i}.{p}" for p in ("input_layernorm.weight", "mlp.up_proj.weight",
+                                                           "self_attn.q_proj.weight")] for i in range(3)),
+                      ["model.layers.10.mlp.up_proj.weight"], ["model.norm.weight"]]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(n[3:] for n in names[:-1])
+    loaded = {}
+    for shard in set(index["weight_map"].values()):
+        loaded.update(safetensors.torch.load_file(tmp_path / shard))
+    for i, n in enumerate(names[:-1]):
+        assert loaded[n[3:]].dtype == torch.float32 and torch.equal(loaded[n[3:]], torch.full((2, 3), float(i)))
 
 
 def test_export_of_a_path_without_checkpoint_names_it(tmp_path, capsys):
