@@ -7,8 +7,9 @@
 A TARGET is a run directory (its HF export when that holds the latest step, else its latest checkpoint), a
 checkpoint directory (``<run>/checkpoints/step_N``) or an HF model directory. Each target runs the tasks of
 ``train.eval_tasks`` (per-position loss, passkey retrieval, routing statistics) at every length of
-``eval.lengths`` with the attention its run had at that step (its ``moba`` settings and schedule; ``moba.*``
-given here replace the run's; ``eval.attention=moba|full`` forces one), and writes into its run directory
+``eval.lengths`` with the attention its run had at that step (its ``moba`` settings and schedule; an HF dir
+outside a run: the ``moba`` dict ``train.export`` recorded in its config.json; ``moba.*`` given here replace
+single settings; ``eval.attention=moba|full`` forces one), and writes into its run directory
 (``eval.out_dir``): ``eval.json`` (settings, every result, and the flat metrics) and ``eval_position_loss.png``
 (every target of the call and ``eval.compare``'s eval.json files side by side), ``eval_passkey.png`` and
 ``eval_routing.png``.
@@ -28,12 +29,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from moba_core.hf import apply_moba, attention_modules, set_moba_layers
+from moba_core.hf import apply_moba, attention_modules, moba_config_from_record, set_moba_layers
 from moba_core.schedule import Schedule
 
 from . import checkpoint as ckpt
 from . import eval_tasks as tasks_mod
-from .config import MoBASettings, RunConfig
+from .config import LayerMoBASettings, MoBASettings, RunConfig
 from .eval_tasks import TASKS
 
 log = logging.getLogger("train.eval")
@@ -205,10 +206,27 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
     return tok, val_at
 
 
+def settings_from_record(record: dict, backend: str) -> MoBASettings:
+    """The ``moba.*`` settings of an exported model's ``config.json`` ``moba`` dict (``train.export``:
+    block_size, top_k, full_attn_layers as the layers that ran full attention at the exported step, per-layer
+    overrides, group_routing, decode), with the machine's ``backend``.
+
+    Raises:
+        ValueError: the record lacks block_size / top_k or holds settings MoBASettings refuses.
+    """
+    cfg = moba_config_from_record(record, backend)  # checks the record
+    return MoBASettings(block_size=cfg.block_size, top_k=cfg.top_k, full_attn_layers=list(cfg.full_attn_layers),
+                        group_routing=cfg.group_routing, backend=backend, decode=cfg.decode,
+                        layers=[LayerMoBASettings(layer=i, **o) for i, o in cfg.layers.items()])
+
+
 def set_attention(lm, t: Target, settings: EvalConfig, moba_overrides: dict) -> dict:
     """Apply MoBA to ``lm`` as the target's run had it at its step (``eval.attention`` and ``moba.*`` overrides
     aside). Returns ``{"moba_layers", "block_size", "top_k"}`` for eval.json."""
     moba = t.run_cfg.moba if t.run_cfg is not None else settings.moba
+    record = getattr(lm.config, "moba", None)
+    if t.run_cfg is None and record is not None:  # an exported model (train.export) records its MoBA settings
+        moba = settings_from_record(record, settings.moba.backend)
     if moba_overrides:
         moba = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(moba), moba_overrides))
     n_layers = len(attention_modules(lm)) or lm.config.num_hidden_layers

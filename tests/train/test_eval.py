@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from train.eval import EvalConfig, EvalSettings, evaluate_targets
+from train.eval import EvalConfig, EvalSettings, Target, evaluate_targets, set_attention
 from train.eval_tasks import bucket_losses, log_position_edges, passkey_sample
 
 from .conftest import REPO, run_train, small_data_args
@@ -129,3 +129,27 @@ def test_default_lengths_quarter_half_and_trained():
 
     assert default_lengths(1024) == [256, 512, 1024]
     assert default_lengths(200) == [100, 200]  # 50 is below the 64-token floor
+
+
+def test_exported_model_is_evaluated_with_its_recorded_moba_settings(tmp_path):
+    """An HF directory without a run (an export copied elsewhere) runs with the ``moba`` dict of its config;
+    ``moba.*`` given on the command line replace single fields of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1)
+    cfg.moba = {"block_size": 48, "top_k": 2, "full_attn_layers": [1], "layers": {"2": {"top_k": 4}},
+                "group_routing": True, "decode": "full"}
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    lm = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    target = Target(tmp_path / "m", tmp_path / "m", "hf", None, None, None)
+    info = set_attention(lm, target, EvalConfig(), {})
+    assert info == {"moba_layers": [0, 2], "block_size": 48, "top_k": 2}
+    mods = lm.model.layers
+    assert [m.self_attn.moba_enabled for m in mods] == [True, False, True]
+    c0, c2 = mods[0].self_attn.moba_config, mods[2].self_attn.moba_config
+    assert (c0.block_size, c0.top_k, c0.group_routing, c0.decode) == (48, 2, True, "full")
+    assert (c2.block_size, c2.top_k) == (48, 4)
+    info = set_attention(lm, target, EvalConfig(), {"top_k": 3, "full_attn_layers": []})
+    assert info == {"moba_layers": [0, 1, 2], "block_size": 48, "top_k": 3}
+    assert (mods[0].self_attn.moba_config.top_k, mods[2].self_attn.moba_config.top_k) == (3, 4)

@@ -80,7 +80,8 @@ def test_weights_are_written_one_decoder_layer_per_shard(tmp_path, monkeypatch):
     state = {n: Lazy(n, torch.full((2, 3), float(i), dtype=torch.bfloat16)) for i, n in enumerate(names)}
     writes = []
     real_save = safetensors.torch.save_file
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda d, f, **kw: (writes.append(sorted(d)), real_save(d, f, **kw)))
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        lambda d, f, **kw: (writes.append(sorted(d)), real_save(d, f, **kw)))
     ex.write_weights(state, tmp_path, tied=True)
     assert sorted(made) == sorted(names[:-1])  # the tied LM head is left out, every other tensor read once
     assert writes == [["model.embed_tokens.weight"],
