@@ -99,6 +99,22 @@ def _drop_stdout_lines(marker: str):
         sys.stdout.write("".join(kept))
 
 
+SHM_DIR = "/dev/shm"
+
+
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer (``/dev/shm/deepspeed_allreduce_buffer_
+    <uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, 66 MB) once every rank has mapped every other rank's (a
+    barrier after ``init_distributed``). DeepSpeed never unlinks it, so each CPU process left one behind in
+    RAM-backed ``/dev/shm`` (20 GB after a test session); the mappings stay valid until the process exits,
+    however it exits, and the memory is then freed."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    torch.distributed.barrier()  # every rank has opened the others' buffers (shm_initialize waits for them)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
 def init_distributed(requested_device: str, sp_size: int) -> DistInfo:
     """Start torch.distributed (gloo on CPU, nccl on GPU) through DeepSpeed; works without a launcher.
 
@@ -122,4 +138,6 @@ def init_distributed(requested_device: str, sp_size: int) -> DistInfo:
             deepspeed.init_distributed(
                 dist_backend="gloo" if device.type == "cpu" else "nccl", auto_mpi_discovery=False
             )
+        if device.type == "cpu":
+            _unlink_cpu_allreduce_buffer(rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local, sp_size=sp_size, device=device)

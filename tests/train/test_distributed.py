@@ -1,17 +1,28 @@
 """Two CPU processes (gloo) under torchrun: a DeepSpeed data-parallel run against one process."""
 
+import os
+
 import pytest
 
+from train.distributed import SHM_DIR
+
 from .conftest import read_metrics, run_train
+
+
+def allreduce_buffers() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("deepspeed_allreduce_buffer_")}
 
 
 def test_two_process_deepspeed_step_matches_one_process(tmp_path, data_cache):
     """dp=2 with micro-batch 1 sees the same two samples in step 1 as one process with micro-batch 2, so the
     logged step-1 loss (sum over tokens / valid tokens, reduced over ranks) is the same; training runs."""
     two = tmp_path / "dp2"
+    before = allreduce_buffers()
     run_train(["train.max_steps=2", "train.micro_batch_size=1", "parallel.zero_stage=2"], two, data_cache, nproc=2)
     one = tmp_path / "dp1"
     run_train(["train.max_steps=1", "train.micro_batch_size=2"], one, data_cache)
+    # DeepSpeed's CPU all-reduce buffers (66 MB of RAM each in /dev/shm) do not outlive the processes
+    assert allreduce_buffers() <= before
     m2, m1 = read_metrics(two), read_metrics(one)
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
     assert m2[0]["tokens"] == m1[0]["tokens"] == 2 * 256
