@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .cache import atomic_directory, cache_key, default_cache_dir
-from .corpus import SPLITS, corpus_fingerprint, load_corpus, split_corpus
+from .corpus import SPLITS, check_documents, corpus_fingerprint, load_corpus, split_corpus
 from .packing import (
     PackedDataset,
     check_packing_args,
@@ -40,6 +40,19 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the token stream or packed layout changes
 
 
+def length_summary(doc_lens, seq_len: int) -> str:
+    """The document length distribution in tokens: count, min / median / max, and the share of tokens that
+    lie in documents longer than ``seq_len`` (the documents whose attention spans a whole sample)."""
+    import numpy as np
+
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    if lens.size == 0:
+        return "no documents"
+    long_share = lens[lens > seq_len].sum() / max(int(lens.sum()), 1)
+    return (f"{lens.size} documents, tokens min {lens.min()} / median {int(np.median(lens))} / max {lens.max()}, "
+            f"{100 * long_share:.1f}% of tokens in documents longer than seq_len {seq_len}")
+
+
 def build_data(
     path: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
@@ -48,6 +61,7 @@ def build_data(
     packing: str = "concat",
     split: str = "train",
     cache_dir: str | os.PathLike | None = None,
+    documents: str = "module",
 ) -> tuple[PackedDataset, Tokenizer]:
     """Build (or load from the cache) the packed samples of one split, and the tokenizer.
 
@@ -64,47 +78,55 @@ def build_data(
         document per sample, truncated and padded) or "best_fit"; see `data.packing`.
       split: "train" or "val" (about 2% of the documents, chosen by a hash of their names).
       cache_dir: `data.cache_dir`: None = `$MOBA_CACHE` or `<repo>/.cache/data`.
+      documents: `data.documents`: "module" (one document per file) or "package" (one per top-level folder
+        of the stdlib or the directory, its files concatenated; see `data.corpus`).
     Returns `(dataset, tokenizer)`: a `PackedDataset` whose items are dicts of `input_ids`, `labels`,
     `position_ids` (int64 (seq_len,)) and `cu_seqlens` (int32 (segments + 1,)), and the `Tokenizer`.
     Raises `ValueError` naming the `data.*` setting (or `split`) that is wrong: a path that does not exist
     or yields no documents, a tokenizer that cannot be loaded (or that is not a prepared directory's own),
     `vocab_size < 512` for a trained tokenizer,
-    `seq_len < 2`, an unknown packing mode.
+    `seq_len < 2`, an unknown packing mode, an unknown `documents` mode or `package` for a table file.
+    The document length distribution of the split (`length_summary`) is logged on every call.
     """
     check_packing_args(seq_len, packing)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
+    check_documents(documents, path)
     if is_prepared(path):
         return load_prepared(path, split, tokenizer, seq_len, packing)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     corpus_id = corpus_fingerprint(path)
+    if documents != "module":  # module-level keys stay as they were, so existing caches stay valid
+        corpus_id = cache_key(corpus_id, documents)
 
     @functools.cache
-    def documents(which: str):
-        corpus = load_corpus(path, cache_dir=cache)
-        logger.info("corpus %s: %d documents", path or "stdlib", len(corpus))
+    def split_docs(which: str):
+        corpus = load_corpus(path, cache_dir=cache, documents=documents)
+        logger.info("corpus %s: %d documents (%s level)", path or "stdlib", len(corpus), documents)
         return split_corpus(corpus, which)
 
-    tok = load_tokenizer(tokenizer, corpus_id=corpus_id, train_texts=lambda: documents("train")["text"],
+    tok = load_tokenizer(tokenizer, corpus_id=corpus_id, train_texts=lambda: split_docs("train")["text"],
                          vocab_size=vocab_size, cache_dir=cache)
 
     stream_key = cache_key(FORMAT_VERSION, corpus_id, tok.fingerprint, split)
     stream_dir = cache / "tokens" / stream_key
     if not stream_dir.is_dir():
         start = time.perf_counter()
-        docs = documents(split)
+        docs = split_docs(split)
         tokens, doc_lens = tokenize_documents(docs["text"], tok)
         with atomic_directory(stream_dir) as tmp:
             save_token_stream(tmp, tokens, doc_lens)
-            meta = {"path": str(path), "split": split, "tokenizer": tok.name, "num_docs": len(doc_lens),
+            meta = {"path": str(path), "documents": documents, "split": split, "tokenizer": tok.name,
+                    "num_docs": len(doc_lens),
                     "num_tokens": len(tokens)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         logger.info("tokenized %s split: %d documents, %d tokens in %.1f s -> %s",
                     split, len(doc_lens), len(tokens), time.perf_counter() - start, stream_dir)
 
+    tokens, doc_lens = load_token_stream(stream_dir)
+    logger.info("%s split documents: %s", split, length_summary(doc_lens, seq_len))
     packed_dir = cache / "packed" / cache_key(stream_key, seq_len, packing)
     if not packed_dir.is_dir():
-        tokens, doc_lens = load_token_stream(stream_dir)
         with atomic_directory(packed_dir) as tmp:
             meta = {"path": str(path), "split": split, "packing": packing, "pad_id": tok.pad_id,
                     "num_docs": len(doc_lens), "num_tokens": len(tokens), "token_stream": stream_key}

@@ -9,6 +9,12 @@ Sources (`data.path`):
 - a `.jsonl` / `.json` / `.parquet` file with a `text` column, read by `datasets.load_dataset`; `name`
   is taken from a `name` or `id` column when there is one, else `<file name>#<row>`.
 
+`data.documents` (`documents=`): `module` (the default) keeps one document per file as above; `package`
+makes one document per top-level entry of the stdlib or the directory: the files of a package (folder),
+concatenated in sorted path order, each preceded by a line naming it (`FILE_HEADER`), like the
+repository-level documents of long-context code data; a top-level file stays a document of its own. The
+stdlib then holds documents of 10^5-10^6 tokens.
+
 Files are decoded as UTF-8 with undecodable bytes replaced. Documents whose text is only whitespace
 are dropped. The validation split holds the documents whose name hashes below `VAL_FRACTION` (about 2%
 of them, at least one): it depends only on the names, so it is the same on every machine and run.
@@ -32,6 +38,8 @@ TEXT_SUFFIXES = (".txt", ".py", ".md")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.02
+DOCUMENT_MODES = ("module", "package")
+FILE_HEADER = "# ==== file: {name} ====\n"  # opens each file inside a package-level document
 CORPUS_VERSION = 1  # bump when the way documents are read changes, so cached results are rebuilt
 
 
@@ -112,19 +120,47 @@ def _read_table(path: Path, cache_dir: Path | None) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"name": names, "text": [t or "" for t in ds["text"]]})
 
 
-def load_corpus(path: str | os.PathLike | None = None, cache_dir: Path | None = None) -> datasets.Dataset:
+def check_documents(documents: str, path: str | os.PathLike | None) -> None:
+    """Raises `ValueError` naming `data.documents` when it is not a mode of `DOCUMENT_MODES`, or is
+    `package` for a table corpus (a file: its rows have no folders to group by) or a prepared directory."""
+    if documents not in DOCUMENT_MODES:
+        raise ValueError(f"data.documents={documents!r} must be one of {', '.join(DOCUMENT_MODES)}")
+    if documents == "package" and is_prepared(path):
+        raise ValueError(f"data.documents=package: data.path={path} is a prepared directory, whose documents "
+                         "python -m data.prepare fixed; use data.documents=module")
+    if documents == "package" and path is not None and Path(path).expanduser().is_file():
+        raise ValueError(f"data.documents=package groups the files of a directory (or the stdlib) by top-level "
+                         f"folder; data.path={path} is a table file: use data.documents=module")
+
+
+def group_by_package(ds: datasets.Dataset) -> datasets.Dataset:
+    """One document per top-level entry of `ds`'s names (relative paths, sorted): a folder's files joined in
+    order, each opened by `FILE_HEADER`; whitespace-only files are left out. `name` is the entry's name."""
+    groups: dict[str, list[str]] = {}
+    for name, text in zip(ds["name"], ds["text"]):
+        if text.strip():
+            groups.setdefault(name.split("/", 1)[0], []).append(FILE_HEADER.format(name=name) + text.rstrip("\n"))
+    return datasets.Dataset.from_dict({"name": list(groups), "text": ["\n".join(g) + "\n" for g in groups.values()]})
+
+
+def load_corpus(path: str | os.PathLike | None = None, cache_dir: Path | None = None,
+                documents: str = "module") -> datasets.Dataset:
     """Load every document of the corpus at `path` (`None` = the Python stdlib sources).
 
     Returns a `datasets.Dataset` with columns `name` (str) and `text` (str), in a deterministic order,
-    whitespace-only documents dropped. `cache_dir` (optional) hosts `datasets`' own cache for table files.
+    whitespace-only documents dropped; `documents="package"` groups files by top-level folder (see the module
+    docstring). `cache_dir` (optional) hosts `datasets`' own cache for table files.
     Raises `ValueError` naming `data.path` and its value when the path does not exist, has an unsupported
-    suffix, lacks a `text` column, or yields no documents.
+    suffix, lacks a `text` column, or yields no documents, and naming `data.documents` as `check_documents`.
     """
+    check_documents(documents, path)
     if path is None:
         ds = _read_files(stdlib_dir(), _stdlib_files())
     else:
         p = _check_path(path)
         ds = _read_files(p, _text_files(p)) if p.is_dir() else _read_table(p, cache_dir)
+    if documents == "package":
+        ds = group_by_package(ds)
     keep = [i for i, text in enumerate(ds["text"]) if text.strip()]
     if not keep:
         hint = "" if path is None or Path(path).is_file() else f" (looked for *{', *'.join(TEXT_SUFFIXES)})"

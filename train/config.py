@@ -185,8 +185,12 @@ class DataConfig:
     seq_len: int = 1024  # tokens per packed sample
     packing: str = "concat"  # concat (end to end, cut at sample edges) | pad (one doc per sample) | best_fit
     cache_dir: str | None = None  # tokenizer and packed shards; None = $MOBA_CACHE or <repo>/.cache/data
+    documents: str = "module"  # module (one document per file) | package (one per top-level folder: long documents)
 
     def __post_init__(self):
+        from data.corpus import check_documents
+
+        check_documents(self.documents, self.path)
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
         if self.packing not in ("concat", "pad", "best_fit"):

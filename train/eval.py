@@ -29,6 +29,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from data.corpus import DOCUMENT_MODES
 from moba_core.hf import apply_moba, attention_modules, moba_config_from_record, set_moba_layers
 from moba_core.schedule import Schedule
 
@@ -57,6 +58,7 @@ class EvalSettings:
     out_dir: str | None = None  # where eval.json and the PNGs go; None = the target's run directory
     data_path: str | None = None  # held-out text: None = the run's data.path (standalone HF dir: stdlib)
     cache_dir: str | None = None  # data cache; None = the run's data.cache_dir
+    documents: str | None = None  # module | package (long documents); None = the run's data.documents (or module)
     seed: int = 0  # passkeys, haystack offsets, routing queries
 
     def __post_init__(self):
@@ -70,6 +72,9 @@ class EvalSettings:
             raise ValueError(f"eval.depths={list(self.depths)} must hold fractions in [0, 1]")
         if self.attention not in ("run", "moba", "full"):
             raise ValueError(f"eval.attention={self.attention!r} must be run, moba or full")
+        if self.documents is not None and self.documents not in DOCUMENT_MODES:
+            raise ValueError(f"eval.documents={self.documents!r} must be one of {', '.join(DOCUMENT_MODES)} "
+                             "(or null: the run's data.documents)")
 
 
 @dataclass
@@ -192,6 +197,7 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
         raise ValueError(f"eval.targets: {t.path} holds no tokenizer (and no run with one)")
     path = s.data_path if s.data_path is not None else (t.run_cfg.data.path if t.run_cfg else None)
     cache = s.cache_dir if s.cache_dir is not None else (t.run_cfg.data.cache_dir if t.run_cfg else None)
+    documents = s.documents or (t.run_cfg.data.documents if t.run_cfg else "module")
     tok = load_tokenizer(spec, corpus_id="", train_texts=None, cache_dir=Path(cache or "."))
 
     def val_at(n: int):
@@ -201,7 +207,8 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
                 raise ValueError(f"eval.lengths holds {n}, longer than data.path={path}'s seq_len {prep['seq_len']}")
             return build_data(path=path, tokenizer=spec, seq_len=prep["seq_len"], packing=prep["packing"],
                               split="val")[0]
-        return build_data(path=path, tokenizer=spec, seq_len=n, packing="pad", split="val", cache_dir=cache)[0]
+        return build_data(path=path, tokenizer=spec, seq_len=n, packing="pad", split="val", cache_dir=cache,
+                          documents=documents)[0]
 
     return tok, val_at
 

@@ -185,7 +185,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     d = cfg.data
     # Continuing from a model directory uses the tokenizer saved there unless data.tokenizer says otherwise.
     data_kwargs = dict(path=d.path, tokenizer=tokenizer_spec,
-                       vocab_size=d.vocab_size, seq_len=d.seq_len, packing=d.packing, cache_dir=d.cache_dir)
+                       vocab_size=d.vocab_size, seq_len=d.seq_len, packing=d.packing, cache_dir=d.cache_dir,
+                       documents=d.documents)
     if not info.is_main:
         dist.barrier()
     train_ds, tokenizer = build_data(split="train", **data_kwargs)

@@ -100,3 +100,61 @@ def test_split_corpus_and_bad_split(tiny_corpus):
     assert set(train["name"]).isdisjoint(val["name"])
     with pytest.raises(ValueError, match="split='test'"):
         split_corpus(ds, "test")
+
+
+def test_package_documents_group_top_level_folders_in_path_order(tmp_path):
+    """data.documents=package: one document per top-level entry; a folder's files in sorted path order, each
+    opened by a header naming it; whitespace-only files left out; a top-level file stays alone."""
+    from data.corpus import FILE_HEADER
+
+    files = {"pkg/__init__.py": "A = 1\n", "pkg/sub/b.py": "def b():\n    pass\n\n", "pkg/a.py": "import os",
+             "pkg/empty.py": "  \n", "solo.py": "x = 2\n", "other/z.txt": "zed\n", "only_empty/e.txt": "\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    ds = load_corpus(tmp_path, documents="package")
+    assert ds["name"] == ["other", "pkg", "solo.py"]
+    h = FILE_HEADER.format
+    assert ds["text"] == [h(name="other/z.txt") + "zed\n",
+                          h(name="pkg/__init__.py") + "A = 1\n" + h(name="pkg/a.py") + "import os\n"
+                          + h(name="pkg/sub/b.py") + "def b():\n    pass\n",
+                          h(name="solo.py") + "x = 2\n"]
+    # the module level of the same directory is untouched
+    assert load_corpus(tmp_path)["name"] == ["other/z.txt", "pkg/__init__.py", "pkg/a.py", "pkg/sub/b.py", "solo.py"]
+
+
+def test_stdlib_package_documents_hold_every_module_and_are_long():
+    modules = load_corpus(None)
+    packages = load_corpus(None, documents="package")
+    assert len(packages) < len(modules) / 2
+    from data.corpus import FILE_HEADER
+
+    expected = {}  # every module, in path order, under its top-level package
+    for name, text in zip(modules["name"], modules["text"]):
+        expected.setdefault(name.split("/", 1)[0], []).append(FILE_HEADER.format(name=name) + text.rstrip("\n"))
+    assert packages["name"] == list(expected)
+    assert packages["text"] == ["\n".join(parts) + "\n" for parts in expected.values()]
+    longest = max(len(t) for t in packages["text"])
+    assert longest > 2_000_000  # about 10^5-10^6 tokens: the longest module holds a few 10^4
+    assert longest > 10 * max(len(t) for t in modules["text"])
+
+
+@pytest.mark.parametrize("documents,path_kind,message", [
+    ("file", "dir", "data.documents='file' must be one of module, package"),
+    ("package", "table", "data.documents=package groups the files of a directory"),
+])
+def test_bad_documents_setting_names_it(tmp_path, documents, path_kind, message):
+    path = tmp_path
+    if path_kind == "table":
+        path = tmp_path / "t.jsonl"
+        path.write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_corpus(path, documents=documents)
+
+
+def test_length_summary_hand_worked():
+    from data.build import length_summary
+
+    # 6 documents; those longer than 100 tokens hold (150 + 300) of 600 tokens = 75%
+    assert length_summary([10, 50, 40, 150, 300, 50], 100) == (
+        "6 documents, tokens min 10 / median 50 / max 300, 75.0% of tokens in documents longer than seq_len 100")
