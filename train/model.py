@@ -230,9 +230,16 @@ def model_shape(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameters of ``model`` (tied weights once). ``exclude_embeddings``: without the input embedding and
+    the LM head (tied or not), the N of the dense FLOP count, to which ``step_flops`` adds the LM head's
+    matrix product itself."""
     n = sum(p.numel() for p in model.parameters())
     if exclude_embeddings:
-        n -= model.get_input_embeddings().weight.numel()
+        emb = model.get_input_embeddings().weight
+        out = model.get_output_embeddings()
+        n -= emb.numel()
+        if out is not None and out.weight is not emb:
+            n -= out.weight.numel()
     return n
 
 
@@ -313,10 +320,14 @@ def attended_keys(cu_seqlens: torch.Tensor, block_size: int | None, top_k: int) 
 
 def step_flops(n_params_nonembed: int, n_tokens: int, num_layers: int, q_dim: int, pairs_full: int,
                pairs_moba: list[int], vocab: int, hidden: int) -> float:
-    """Model FLOPs of forward + backward: 6 N per token for the dense weights (LM head included), plus
-    12 x q_dim per attended query-key pair and layer (QK^T and PV, x3 for fwd+bwd). ``pairs_moba``: the
-    pairs of each layer that runs MoBA (layers may have their own block size and top-k); the other
-    layers attend ``pairs_full``."""
+    """Model FLOPs of one forward + backward, the numerator of MFU (PaLM's definition, Chowdhery et al. 2022,
+    App. B): 6 x (N + vocab x hidden) per token for the matrix products of the weights (``n_params_nonembed``
+    = N without the input embedding and LM head, ``count_params(exclude_embeddings=True)``; the LM head's
+    product is the vocab x hidden term), plus 12 x q_dim per attended query-key pair and layer (QK^T and
+    PV, 2 FLOPs per multiply-add, x3 for forward + backward). ``pairs_moba``: the pairs of each layer that
+    runs MoBA (``attended_keys`` with that layer's block size and top-k); the other layers attend
+    ``pairs_full`` (causal pairs per document). Activation-checkpointing recompute and MoBA's routing
+    (mean pooling and block scores) are not counted: MFU, not hardware FLOPs utilisation."""
     dense = 6.0 * (n_params_nonembed + vocab * hidden) * n_tokens
     attn = 12.0 * q_dim * (sum(pairs_moba) + pairs_full * (num_layers - len(pairs_moba)))
     return dense + attn

@@ -1,9 +1,10 @@
 """The chunked loss and the FLOP accounting, against direct computations and hand-worked counts."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from train.model import attended_keys, chunked_cross_entropy
+from train.model import attended_keys, chunked_cross_entropy, count_params, step_flops
 
 
 def test_chunked_cross_entropy_equals_full_and_survives_empty_chunks():
@@ -31,6 +32,27 @@ def test_attended_keys_hand_worked():
     # 4 sees 1 + 2. The 3-token doc: 1, 2, then 1 + 2.
     assert attended_keys(cu, 2, 2) == (1 + 2 + 3 + 4 + 3) + (1 + 2 + 3)
     assert attended_keys(cu, 2, 1) == (1 + 2 + 1 + 2 + 1) + (1 + 2 + 1)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_step_flops_on_known_shapes(tied):
+    """Hand-counted: hidden 64, MLP 128, 2 layers, 4 query heads and 2 KV heads of 16, vocab 100."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    per_layer = (64 * 64 + 2 * 64 * 32 + 64 * 64) + 3 * 64 * 128 + 2 * 64  # q, k, v, o; MLP; two RMSNorms
+    n = 2 * per_layer + 64  # + final norm; neither embedding nor LM head, tied or not
+    assert count_params(lm, exclude_embeddings=True) == n == 74048
+    assert count_params(lm) == n + 100 * 64 * (1 if tied else 2)
+    cu = torch.tensor([0, 5, 5, 8], dtype=torch.int32)  # 8 tokens: documents of 5, 0 and 3
+    full_pairs, moba_pairs = 15 + 6, (1 + 2 + 3 + 4 + 3) + (1 + 2 + 3)  # as in test_attended_keys_hand_worked
+    # layer 0 MoBA (block 2, top 2), layer 1 full; q_dim = 4 heads x 16
+    want = 6 * (74048 + 100 * 64) * 8 + 12 * 64 * (moba_pairs + full_pairs)
+    got = step_flops(count_params(lm, exclude_embeddings=True), 8, 2, 64, attended_keys(cu, None, 1),
+                     [attended_keys(cu, 2, 2)], 100, 64)
+    assert got == want
+    assert step_flops(n, 8, 2, 64, full_pairs, [], 100, 64) == 6 * (74048 + 6400) * 8 + 12 * 64 * 2 * full_pairs
 
 
 def test_packed_lm_trailing_loss_counts_only_late_document_positions():
