@@ -47,8 +47,13 @@ class ModelConfig:
     max_position_embeddings: int | None = 131072  # largest position the model is configured for (tokens)
     tie_embeddings: bool | None = True  # share input embedding and LM head weights
     init_std: float = 0.02  # std of the normal init of fresh weights
+    # Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy loss: auto (on a GPU) | true | false
+    fused_ops: Any = "auto"
+    compile: bool = False  # torch.compile every decoder layer (the attention call stays eager)
 
     def __post_init__(self):
+        if self.fused_ops not in ("auto", True, False):
+            raise ValueError(f"model.fused_ops={self.fused_ops!r} must be auto, true or false")
         for key in SHAPE_FIELDS + ("max_position_embeddings", "tie_embeddings"):
             if getattr(self, key) is None and not self.name_or_path:
                 raise ValueError(f"model.{key}=None needs model.name_or_path (a fresh model needs a value)")

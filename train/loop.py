@@ -28,10 +28,13 @@ from .metrics import MetricsLogger
 from .model import (
     IGNORE_INDEX,
     PackedCausalLM,
+    apply_fused_ops,
     attended_keys,
     build_model,
     check_tokenizer_fits,
+    compile_layers,
     count_params,
+    fused_ops_enabled,
     model_shape,
     peak_flops,
     step_flops,
@@ -173,6 +176,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     check_tokenizer_fits(cfg.model, tokenizer_spec, "data.tokenizer" if cfg.data.tokenizer else
                          "model.name_or_path" if cfg.model.name_or_path else "the run's stored tokenizer")
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
+    fused_ops = fused_ops_enabled(cfg.model.fused_ops, info.device)  # before any data work: a bad value fails now
     check_same_run_dir(run_dir)  # every rank writes into rank 0's run directory
     mpu = sp_group = None
     if info.sp_size > 1:
@@ -214,9 +218,15 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         moba_layer_ids = apply_moba(lm, moba_cfg, name=name, fn=fn)
     else:
         moba_layer_ids = apply_moba(lm, moba_cfg)
+    if fused_ops:
+        apply_fused_ops(lm)
+    if cfg.model.compile:
+        compile_layers(lm)
     if cfg.train.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens)
+    model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens, fused_loss=fused_ops)
+    log.info("model ops: %s%s", "Liger-Kernel fused (RMSNorm, RoPE, SwiGLU, linear + cross-entropy)" if fused_ops
+             else "PyTorch (unfused)", ", decoder layers compiled" if cfg.model.compile else "")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     o = cfg.optim

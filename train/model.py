@@ -7,6 +7,7 @@ Hd hidden size.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -267,6 +268,85 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return total
 
 
+def fused_ops_enabled(setting, device: torch.device) -> bool:
+    """Whether ``model.fused_ops`` (``"auto"``, True or False) turns Liger-Kernel's fused ops on for
+    ``device``: ``auto`` = on a GPU when ``liger_kernel`` is installed. Its Triton kernels need a GPU (or
+    ``TRITON_INTERPRET=1``, which the CPU tests use).
+
+    Raises:
+        ValueError: ``model.fused_ops=true`` without ``liger_kernel`` installed, or on a CPU without the
+            Triton interpreter.
+    """
+    import importlib.util
+
+    have = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "auto":
+        return have and device.type == "cuda"
+    if not setting:
+        return False
+    if not have:
+        raise ValueError("model.fused_ops=true needs Liger-Kernel: pip install liger-kernel (or model.fused_ops=false)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("model.fused_ops=true needs a GPU (Liger-Kernel's Triton kernels); on a CPU use "
+                         "model.fused_ops=false (or TRITON_INTERPRET=1, very slow)")
+    return True
+
+
+FUSED_OPS = ("rms_norm", "rope", "swiglu")
+
+
+def apply_fused_ops(lm: nn.Module, ops: tuple[str, ...] = FUSED_OPS) -> None:
+    """Swap ``lm``'s RMSNorm, rotary embedding and SwiGLU MLP (``ops``, a subset of ``FUSED_OPS``) for
+    Liger-Kernel's fused Triton versions (Hsu et al. 2024, arXiv 2410.10989), in place (the rotary function
+    is patched in the model's module).
+    The loss is fused in ``PackedCausalLM(fused_loss=True)``, not through Liger's model forward, which
+    the packed, document-masked forward here does not use.
+
+    Raises:
+        ValueError: ``lm``'s architecture (``config.model_type``) is one Liger-Kernel does not patch.
+    """
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(lm.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"model.fused_ops: Liger-Kernel has no fused ops for model_type={model_type!r}; "
+                         "set model.fused_ops=false")
+    unknown = set(ops) - set(FUSED_OPS)
+    if unknown:
+        raise ValueError(f"fused ops {sorted(unknown)} are not among {FUSED_OPS}")
+    _apply_liger_kernel_to_instance(model=lm, **{op: op in ops for op in FUSED_OPS}, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+
+
+def compile_layers(lm: nn.Module) -> int:
+    """``torch.compile`` every decoder layer of ``lm`` in place (``nn.Module.compile``: the module keeps its
+    name and parameters, so checkpoints and ZeRO are unaffected); the attention call inside, MoBA's
+    varlen kernels included, is left to run eagerly (``torch.compiler.disable``). Returns the number of
+    layers compiled."""
+    layers = lm.model.layers
+    for layer in layers:
+        attn = layer.self_attn
+        attn.forward = torch.compiler.disable(attn.forward)
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies by Liger-Kernel's fused linear + cross-entropy (the logits are made and
+    consumed chunk by chunk inside the kernel, never for the whole sequence). Shapes and result as
+    ``chunked_cross_entropy``: hidden (T, Hd), weight (V, Hd), labels (T,) int64 with -100 = ignore; a 0-dim
+    fp32 sum, connected to ``hidden``'s graph even when no label is valid."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    total = hidden[:0].float().sum()
+    if not bool((labels != IGNORE_INDEX).any()):
+        return total
+    loss = liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                                            accum_dtype=torch.float32)
+    return total + loss.float()
+
+
 class PackedCausalLM(nn.Module):
     """Wraps an HF causal LM: packed micro-batch in, (sum of token losses, valid label count) out.
 
@@ -277,10 +357,16 @@ class PackedCausalLM(nn.Module):
     keyword arguments.
     """
 
-    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 4096):
+    def __init__(self, lm: nn.Module, loss_chunk_tokens: int = 4096, fused_loss: bool = False):
         super().__init__()
         self.lm = lm
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.fused_loss = fused_loss
+
+    def _loss_sum(self, hidden, weight, labels):
+        if self.fused_loss:
+            return fused_linear_cross_entropy(hidden, weight, labels)
+        return chunked_cross_entropy(hidden, weight, labels, self.loss_chunk_tokens)
 
     def forward(self, input_ids, labels, position_ids, cu_seqlens, max_seqlen: int, tail_from: int | None = None):
         out = self.lm.model(
@@ -295,11 +381,11 @@ class PackedCausalLM(nn.Module):
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         labels = labels.reshape(-1)
         weight = self.lm.get_output_embeddings().weight
-        loss_sum = chunked_cross_entropy(hidden, weight, labels, self.loss_chunk_tokens)
+        loss_sum = self._loss_sum(hidden, weight, labels)
         if tail_from is None:
             return loss_sum, (labels != IGNORE_INDEX).sum()
         tail = labels.masked_fill(position_ids.reshape(-1) < tail_from, IGNORE_INDEX)
-        tail_sum = chunked_cross_entropy(hidden, weight, tail, self.loss_chunk_tokens)
+        tail_sum = self._loss_sum(hidden, weight, tail)
         return loss_sum, (labels != IGNORE_INDEX).sum(), tail_sum, (tail != IGNORE_INDEX).sum()
 
 

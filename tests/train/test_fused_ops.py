@@ -1,0 +1,122 @@
+"""model.fused_ops (Liger-Kernel) and model.compile against the plain PyTorch model: same loss, same gradients.
+
+On the CPU, Liger's Triton kernels run under TRITON_INTERPRET=1 where the interpreter allows (RoPE and the
+fused linear + cross-entropy; its RMSNorm and SwiGLU kernels do not run in the interpreter); all four are
+checked in bf16 on a GPU.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (as tests/kernels/conftest.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from moba_core import MoBAConfig  # noqa: E402
+from moba_core.hf import apply_moba  # noqa: E402
+from train.config import ModelConfig  # noqa: E402
+from train.model import (  # noqa: E402
+    FUSED_OPS,
+    PackedCausalLM,
+    apply_fused_ops,
+    compile_layers,
+    fused_ops_enabled,
+)
+
+pytest.importorskip("liger_kernel")
+
+
+def twin_models(backend="reference", device="cpu", dtype=torch.float32):
+    """Two identical tiny Llamas (2 layers, GQA 4/2, MoBA block 16 top-2 in layer 0, full in layer 1)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    a = LlamaForCausalLM(cfg)
+    b = LlamaForCausalLM(cfg)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        apply_moba(m, MoBAConfig(block_size=16, top_k=2, full_attn_layers=[1], backend=backend))
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+def packed_batch(device="cpu"):
+    """Two documents (40 and 24 tokens) in one row; the last label of each is ignored."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (1, 64), generator=g)
+    pos = torch.cat([torch.arange(40), torch.arange(24)])[None]
+    labels = torch.roll(ids, -1, 1)
+    labels[0, 39] = labels[0, 63] = -100
+    cu = torch.tensor([0, 40, 64], dtype=torch.int32)
+    return [x.to(device) for x in (ids, labels, pos, cu)]
+
+
+def loss_and_grads(model, batch):
+    ids, labels, pos, cu = batch
+    total, n, tail, n_tail = model(ids, labels, pos, cu, 40, tail_from=20)
+    (total / n).backward()
+    return (total, n, tail, n_tail), {k: p.grad.float().clone() for k, p in model.named_parameters()}
+
+
+def test_fused_rope_and_loss_equal_unfused_on_the_cpu():
+    a, b = twin_models()
+    apply_fused_ops(b, ("rope",))
+    batch = packed_batch()
+    (ta, na, tla, ntla), ga = loss_and_grads(PackedCausalLM(a, loss_chunk_tokens=7), batch)
+    (tb, nb, tlb, ntlb), gb = loss_and_grads(PackedCausalLM(b, loss_chunk_tokens=7, fused_loss=True), batch)
+    # 40 + 24 labels, 2 ignored; at document positions >= 20: 20 + 4, the same 2 ignored
+    assert (na, ntla) == (nb, ntlb) == (62, 22)
+    torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tlb, tla, rtol=1e-5, atol=1e-5)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fused_loss_with_no_valid_label_is_zero_and_in_the_graph():
+    _, b = twin_models()
+    ids, labels, pos, cu = packed_batch()
+    total, n = PackedCausalLM(b, fused_loss=True)(ids, torch.full_like(labels, -100), pos, cu, 40)
+    assert total.item() == 0.0 and n.item() == 0 and total.requires_grad
+    total.backward()
+    assert b.model.embed_tokens.weight.grad.abs().sum() == 0
+
+
+def test_compiled_layers_equal_eager_and_keep_parameter_names():
+    a, b = twin_models()
+    names = list(b.state_dict())
+    assert compile_layers(b) == 2
+    assert list(b.state_dict()) == names  # checkpoints and ZeRO see the same parameters
+    batch = packed_batch()
+    (ta, *_), ga = loss_and_grads(PackedCausalLM(a), batch)
+    (tb, *_), gb = loss_and_grads(PackedCausalLM(b), batch)
+    torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-5)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fused_ops_setting(monkeypatch):
+    cpu = torch.device("cpu")
+    assert fused_ops_enabled("auto", cpu) is False  # the GPU default, off on a CPU
+    assert fused_ops_enabled(False, cpu) is False
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="model.fused_ops=true needs a GPU"):
+        fused_ops_enabled(True, cpu)
+    with pytest.raises(ValueError, match="model.fused_ops='yes' must be auto, true or false"):
+        ModelConfig(fused_ops="yes")
+    with pytest.raises(ValueError, match=r"fused ops \['layernorm'\] are not among"):
+        apply_fused_ops(twin_models()[1], ("layernorm",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_all_fused_ops_equal_unfused_in_bf16_on_the_gpu():
+    a, b = twin_models(backend="auto", device="cuda", dtype=torch.bfloat16)
+    apply_fused_ops(b, FUSED_OPS)
+    batch = packed_batch("cuda")
+    (ta, _, tla, _), ga = loss_and_grads(PackedCausalLM(a), batch)
+    (tb, _, tlb, _), gb = loss_and_grads(PackedCausalLM(b, fused_loss=True), batch)
+    torch.testing.assert_close(tb, ta, rtol=2e-2, atol=0)
+    torch.testing.assert_close(tlb, tla, rtol=2e-2, atol=0)
+    for k in ga:
+        rel = (gb[k] - ga[k]).norm() / ga[k].norm().clamp_min(1e-12)
+        assert rel < 5e-2, (k, rel.item())
