@@ -274,6 +274,7 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: no checkpoint is written at all (benchmarks; a stopped run cannot resume)
     dir: str | None = None  # None = <run dir>/checkpoints
     every: int = 50  # optimizer steps between checkpoints (and one at the end)
     keep: int = 2  # newest checkpoints kept; 0 = keep all

@@ -373,11 +373,14 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             metrics.log_eval(step, val)
             eval_step = step
         stop = preempt.requested(info.device)
-        if stop or (not skipped and step % cfg.checkpoint.every == 0) or step == cfg.train.max_steps:
+        save_now = stop or (not skipped and step % cfg.checkpoint.every == 0) or step == cfg.train.max_steps
+        if save_now and cfg.checkpoint.enabled:
             ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank, run_config)
         if stop:
             if info.is_main:
-                log.warning("stopped by a signal at step %d; checkpoint saved; run again to resume", step)
+                log.warning("stopped by a signal at step %d; %s", step,
+                            "checkpoint saved; run again to resume" if cfg.checkpoint.enabled
+                            else "checkpoint.enabled=false: nothing saved")
             preempt.restore()
             metrics.close()
             return {**last, "step": step, "preempted": True}
