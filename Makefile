@@ -6,7 +6,7 @@ RUN_DIR ?= runs/default
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test bench lint clean-runs
+.PHONY: venv train test bench bench-train lint clean-runs
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 # GPU: the kernel benchmark (writes its table into BENCHMARKS.md and results/kernels.json).
 bench: $(STAMP)
 	$(PY) -m train.bench_kernels $(ARGS)
+
+# GPU: the training benchmark, 1B model on long documents, full vs MoBA up to 1M tokens (BENCHMARKS.md and
+# results/train.json; ARGS="--points 1048576:512:8@sp2" on the two-GPU machine).
+bench-train: $(STAMP)
+	$(PY) -m train.bench $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

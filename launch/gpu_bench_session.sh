@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the GPU numbers of BENCHMARKS.md on a 2-GPU machine (results under ${OUT:-out}/):
 # backend check, flash-backend kernel points, 1M-token triton fwd+bwd, and the training benchmark
-# (sp=1 vs sp=2 MoBA at 32K, full attention baseline).
+# (MoBA on one GPU and sp=2 on two at 32K, full attention baseline).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export WANDB_MODE=offline TORCH_CUDA_ARCH_LIST=9.0
@@ -15,6 +15,5 @@ CUDA_VISIBLE_DEVICES=0 timeout 200 python -m train.bench_kernels --points 32768:
 wait
 tail -n 8 "$OUT/bench_flash.log" "$OUT/bench_1m.log"
 MODEL="model.hidden_size=1024 model.intermediate_size=2816 model.num_layers=8 model.num_heads=16 model.num_kv_heads=8"
-python -m train.bench --seq-len 32768 --variants sp1:moba,sp2:moba,sp1:full --steps 6 --run-root /tmp/bench \
-  --out "$OUT/train_bench.md" -- $MODEL moba.block_size=2048 moba.top_k=3 moba.backend=$BACKEND \
-  train.activation_checkpointing=true 2>&1 | tail -n 14
+python -m train.bench --points 32768:full,32768:2048:3,32768:2048:3@sp2 --steps 6 --run-root /tmp/bench \
+  --output "$OUT/train_bench.md" --json "$OUT/train.json" -- $MODEL moba.backend=$BACKEND 2>&1 | tail -n 14

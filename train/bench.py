@@ -1,13 +1,23 @@
-"""Training benchmark: tokens/s, MFU and peak memory of real training steps, MoBA against full attention and
-sequence parallelism 1 against 2, plus the loss equivalence of sp=1 and sp=2 (same data and seed).
+"""Training benchmark (``make bench-train``): tokens/s, MFU and peak memory of real training steps, MoBA against
+full attention, on long documents, up to the longest context that trains.
 
-    python -m train.bench --seq-len 32768 --variants sp1:moba,sp2:moba,sp1:full --steps 8 \\
-        --out BENCHMARKS.md -- model=llama_1b train.activation_checkpointing=true
+    python -m train.bench                                   # the default points, one GPU
+    python -m train.bench --points 1048576:512:8@sp2        # one sequence over two GPUs (sequence parallel)
+    python -m train.bench --points 32768:full,32768:512:8 --steps 6 -- model.fused_ops=false
 
-Every variant is one ``python -m torch.distributed.run -m train`` run (so it measures the real loop:
-data, DeepSpeed step, logging); tokens/s and MFU are medians over the steps after the first two
-(warm-up, kernel compilation); memory is the peak over the run. Results go to a table printed last and,
-with ``--out``, into a marked section of that markdown file (replaced on rerun).
+A point is ``SEQ_LEN:full`` or ``SEQ_LEN:BLOCK:TOP_K`` (MoBA in every layer), with ``@spN`` for one sequence
+over N GPUs. Every point is one ``python -m torch.distributed.run -m train`` run of the real loop (data,
+DeepSpeed step, logging) of ``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long
+documents) with ``BASE_OVERRIDES`` (activation checkpointing, no checkpoint written) and the overrides
+after ``--``. Tokens/s, step time and MFU are medians over the steps after the first two (compilation,
+warm-up); memory is the peak of the run. A run that fails (out of memory included) is a row with ``ok: false``.
+
+Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
+rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
+moba), ``moba`` ("512:8" or null), ``gpus``, ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib``, ``ok``,
+``error``, ``losses``, ``gpu``, ``date``), where rows of the same (seq_len, attention, moba, gpus) are
+replaced and the others kept, so one-GPU and two-GPU runs add up. Each point's run directory under
+``--run-root`` is replaced, so reruns into the same root work.
 """
 
 from __future__ import annotations
@@ -16,102 +26,186 @@ import argparse
 import datetime
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 MARK_BEGIN, MARK_END = "<!-- train-bench:begin -->", "<!-- train-bench:end -->"
+DEFAULT_POINTS = ("32768:full,32768:512:8,32768:4096:12,131072:full,131072:512:8,131072:4096:12,"
+                  "262144:512:8,524288:512:8,1048576:512:8")
+# The 1B Llama shape on long documents; lr 3e-4 warmed up over all the benchmark's steps (a fresh 1B model
+# at 1e-3 after two warm-up steps jumps from loss 8 to 11).
+BASE_OVERRIDES = ["data.packing=concat", "train.micro_batch_size=1",
+                  "train.grad_accum=1", "train.activation_checkpointing=true", "parallel.zero_stage=0",
+                  "optim.lr=3e-4", "checkpoint.enabled=false", "checkpoint.export_hf=false",
+                  "logging.wandb.mode=disabled", "train.eval_every=0", "train.eval_batches=1"]
 
 
-def run_variant(name: str, nproc: int, schedule: str, args, extra: list[str], run_root: Path) -> dict:
-    run_dir = run_root / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "train", f"hydra.run.dir={run_dir}", "resume=none", f"schedule={schedule}",
-           f"parallel.sp_size={nproc if name.startswith('sp') else 1}", f"data.seq_len={args.seq_len}",
-           f"train.max_steps={args.steps}", "checkpoint.every=1000000", "checkpoint.export_hf=false",
-           "logging.wandb.mode=disabled", "train.eval_batches=1", "optim.warmup_steps=2", *extra]
-    print("+", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-5000:], flush=True)
-        return {"name": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+def parse_point(text: str) -> dict:
+    """``SEQ_LEN:full`` | ``SEQ_LEN:BLOCK:TOP_K``, optionally ``@spN`` -> ``{seq_len, attention, moba, gpus}``.
+
+    Raises:
+        ValueError: naming the point when it is not of that form.
+    """
+    body, _, sp = text.strip().partition("@")
+    parts = body.split(":")
+    try:
+        gpus = int(sp[2:]) if sp else 1
+        if sp and not sp.startswith("sp") or gpus < 1:
+            raise ValueError
+        seq_len = int(parts[0])
+        if parts[1:] == ["full"]:
+            return {"seq_len": seq_len, "attention": "full", "moba": None, "gpus": gpus}
+        block, top_k = (int(x) for x in parts[1:])
+        return {"seq_len": seq_len, "attention": "moba", "moba": f"{block}:{top_k}", "gpus": gpus}
+    except ValueError:
+        raise ValueError(f"--points: {text!r} is not SEQ_LEN:full or SEQ_LEN:BLOCK:TOP_K (optionally @spN)") from None
+
+
+def point_name(p: dict) -> str:
+    return f"{p['seq_len']}_{p['moba'].replace(':', '-') if p['moba'] else 'full'}_sp{p['gpus']}"
+
+
+def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package") -> list[str]:
+    """The ``python -m train`` overrides of a point (before the user's)."""
+    out = [f"model={model}", f"data.documents={documents}", *BASE_OVERRIDES, f"data.seq_len={p['seq_len']}",
+           f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
+           "moba.full_attn_layers=[]"]
+    if p["attention"] == "full":
+        return [*out, "schedule=full"]
+    block, top_k = p["moba"].split(":")
+    return [*out, "schedule=moba", f"moba.block_size={block}", f"moba.top_k={top_k}"]
+
+
+def summarize(rows: list[dict], gpus: int) -> dict:
+    """Medians of the steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows."""
     steady = rows[2:] or rows
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
-    return {
-        "name": name, "gpus": nproc, "schedule": schedule,
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-        "tokens_per_s_per_gpu": statistics.median(r["tokens_per_s"] for r in steady) / nproc,
-        "mfu": statistics.median(mfu) if mfu else None,
-        "mem_gb": max((r.get("mem_gb") or 0.0) for r in rows),
-        "losses": [r["loss"] for r in rows],
-    }
+    tps = statistics.median(r["tokens_per_s"] for r in steady)
+    return {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / gpus,
+            "step_s": statistics.median(r["tokens"] / r["tokens_per_s"] for r in steady if r["tokens_per_s"]),
+            "mfu": statistics.median(mfu) if mfu else None,
+            "peak_gib": max((r.get("mem_gb") or 0.0) for r in rows), "losses": [r["loss"] for r in rows]}
 
 
-def table(results: list[dict], args, extra: list[str]) -> str:
-    import torch
+def failure_reason(stderr: str) -> str | None:
+    """``out of memory``, else the first exception line of a failed run's stderr (``ValueError: moba...``; not
+    the launcher's ``ChildFailedError``), cut to 200 characters."""
+    if "out of memory" in stderr.lower() or "OutOfMemoryError" in stderr:
+        return "out of memory"
+    for line in stderr.splitlines():
+        if re.match(r"^[\w.]*(Error|Exception): \S", line) and "ChildFailedError" not in line:
+            return line.strip()[:200]
+    return None
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    lines = [
-        f"Training benchmark, {datetime.date.today()}, {gpu}, seq_len {args.seq_len}, overrides `{' '.join(extra)}`",
-        "",
-        f"Command: `python -m train.bench --seq-len {args.seq_len} --variants {args.variants} --steps {args.steps}"
-        f" -- {' '.join(extra)}`",
-        "",
-        "| variant | GPUs | attention | tokens/s | tokens/s/GPU | MFU | peak mem (GiB) | losses (steps 1-3) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+
+def run_point(p: dict, args, extra: list[str]) -> dict:
+    """Train one point in a fresh run directory; its row of ``results/train.json`` (``ok`` false on failure)."""
+    run_dir = Path(args.run_root) / point_name(p)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p["gpus"]),
+           "-m", "train", f"hydra.run.dir={run_dir}", *point_overrides(p, args.steps, args.model, args.documents),
+           *extra]
+    print("+", " ".join(cmd), flush=True)
+    row = {**p, "ok": False, "error": None}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {args.timeout} s"}
+    metrics = run_dir / "metrics.jsonl"
+    if proc.returncode != 0 or not metrics.is_file():
+        print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
+        return {**row, "error": failure_reason(proc.stderr) or f"exit {proc.returncode}"}
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x]
+    return {**row, **summarize(rows, p["gpus"]), "ok": True}
+
+
+def table(results: list[dict], command: str, gpu: str) -> str:
+    """The markdown section: one row per point, and MoBA's step-time speed-up over full attention at the
+    same length and GPU count."""
+    full = {(r["seq_len"], r["gpus"]): r for r in results if r["ok"] and r["attention"] == "full"}
+    lines = [f"Training benchmark, {datetime.date.today()}, {gpu}: `{command}`", "",
+             "| seq_len | GPUs | attention | tokens/s | step s | vs full | MFU | peak GiB | losses (first 3) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if "error" in r:
-            lines.append(f"| {r['name']} | | | error: {r['error'][:80]} | | | | |")
+        attn = f"MoBA {r['moba']}" if r["moba"] else "full"
+        if not r["ok"]:
+            lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | failed: {r['error']} | | | | | |")
             continue
+        f = full.get((r["seq_len"], r["gpus"]))
+        speed = f"{f['step_s'] / r['step_s']:.2f}x" if f and r["moba"] else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        losses = ", ".join(f"{x:.5f}" for x in r["losses"][:3])
-        lines.append(f"| {r['name']} | {r['gpus']} | {r['schedule']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s_per_gpu']:.0f} | {mfu} | {r['mem_gb']:.1f} | {losses} |")
-    by = {r["name"]: r for r in results if "error" not in r}
-    if "sp1:moba" in by and "sp2:moba" in by:
-        a, b = by["sp1:moba"]["losses"][:3], by["sp2:moba"]["losses"][:3]
-        rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-        lines += ["", f"sp=2 vs sp=1 (MoBA, same data and seed): largest relative loss difference over steps 1-3: "
-                      f"{rel:.2e} (bf16)"]
+        losses = ", ".join(f"{x:.3f}" for x in r["losses"][:3])
+        lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "
+                     f"{speed} | {mfu} | {r['peak_gib']:.1f} | {losses} |")
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
+def replace_marked_section(path: Path, begin: str, end: str, text: str, heading: str = "") -> None:
+    """Write ``text`` between the markers ``begin`` / ``end`` of the markdown file ``path`` (replacing what was
+    there), or append it (after ``heading``) when the markers are absent; other sections are kept."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_BEGIN}\n{text}{MARK_END}\n"
-    if MARK_BEGIN in old and MARK_END in old:
-        new = old[: old.index(MARK_BEGIN)] + block + old[old.index(MARK_END) + len(MARK_END) + 1 :]
+    block = f"{begin}\n{text.rstrip(chr(10))}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
-        new = old.rstrip("\n") + "\n\n## Training\n\n" + block
+        new = old.rstrip("\n") + "\n\n" + (heading + "\n\n" if heading else "") + block + "\n"
     path.write_text(new)
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-len", type=int, default=32768)
-    p.add_argument("--variants", default="sp1:moba,sp2:moba,sp1:full",
-                   help="comma list of <sp|dp><n>:<moba|full>: sp2 = one sequence over 2 GPUs")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--run-root", default="runs/bench")
-    p.add_argument("--out", default=None, help="markdown file to write the table into (marked section)")
-    args = p.parse_args(argv)
+def merge_json(path: Path, rows: list[dict]) -> list[dict]:
+    """``path``'s rows with those of the same (seq_len, attention, moba, gpus) replaced by ``rows``."""
+    def key(r):
+        return (r["seq_len"], r["attention"], r["moba"], r["gpus"])
+
+    old = json.loads(path.read_text()) if path.exists() else []
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new_keys] + rows
+    merged.sort(key=lambda r: (r["gpus"], r["seq_len"], r["attention"] == "moba", r["moba"] or ""))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    extra = raw[raw.index("--") + 1:] if "--" in raw else []
+    argv = raw[: raw.index("--")] if "--" in raw else raw
+    ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--points", default=DEFAULT_POINTS, help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K[@spN]")
+    ap.add_argument("--steps", type=int, default=6, help="training steps per point (medians over steps 3..)")
+    ap.add_argument("--model", default="llama_1b", help="the model group (configs/model/<name>.yaml)")
+    ap.add_argument("--documents", default="package", help="data.documents: package (long documents) | module")
+    ap.add_argument("--run-root", default="runs/bench")
+    ap.add_argument("--output", default="BENCHMARKS.md", help="markdown file with the marked section ('' = none)")
+    ap.add_argument("--json", default="results/train.json", help="rows merged into this file ('' = none)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per point before it counts as failed")
+    args = ap.parse_args(argv)
+    try:
+        points = [parse_point(t) for t in args.points.split(",") if t.strip()]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("WANDB_MODE", "disabled")
+    command = "python -m train.bench " + " ".join(raw)
     results = []
-    for v in args.variants.split(","):
-        layout, schedule = v.split(":")
-        nproc = int(layout[2:])
-        results.append(run_variant(v, nproc, schedule, args, extra, Path(args.run_root)))
-    text = table(results, args, extra)
-    if args.out:
-        write_section(Path(args.out), text)
-    print(text)
+    for p in points:
+        results.append({**run_point(p, args, extra),
+                        "gpu": gpu, "date": datetime.date.today().isoformat()})
+        text = table(results, command.strip(), gpu)  # rewritten after every point: a cut run keeps its rows
+        if args.output:
+            replace_marked_section(Path(args.output), MARK_BEGIN, MARK_END, text, "## Training")
+        if args.json:
+            merge_json(Path(args.json), results)
+        print(text, flush=True)
+    return 0 if all(r["ok"] for r in results) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,8 +38,11 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
+
+from .bench import replace_marked_section
 
 DEFAULT_POINTS = ["8192:4096:12", "8192:512:3", "32768:2048:3", "131072:4096:12", "131072:512:8",
                   "524288:4096:12", "1048576:4096:12", "2x32768:128:8", "2x65536:128:8", "2x131072:128:8"]
@@ -355,7 +358,6 @@ def write_section(args, argv, lines, rows):
     gpu = torch.cuda.get_device_name()
     cmd = "python -m train.bench_kernels " + " ".join(sys.argv[1:] if argv is None else argv)
     section = "\n".join([
-        MARK_START,
         f"## MoBA kernels: `{cmd.strip()}`",
         "",
         f"{datetime.date.today().isoformat()}, {gpu}, torch {torch.__version__}, Triton {triton.__version__}; "
@@ -364,15 +366,8 @@ def write_section(args, argv, lines, rows):
         *lines,
         "",
         *rows,
-        MARK_END,
     ])
-    old = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
-    if MARK_START in old and MARK_END in old:
-        new = old[: old.index(MARK_START)] + section + old[old.index(MARK_END) + len(MARK_END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    with open(args.output, "w") as f:
-        f.write(new)
+    replace_marked_section(Path(args.output), MARK_START, MARK_END, section)
     return section
 
 

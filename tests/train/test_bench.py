@@ -1,0 +1,57 @@
+"""``python -m train.bench`` on the CPU: points parsed, real runs summarised into results JSON and a table,
+reruns into the same run root, failures recorded as rows."""
+
+import json
+
+import pytest
+
+from train.bench import MARK_BEGIN, MARK_END, main, merge_json, parse_point, point_overrides
+
+from .conftest import SMALL, small_data_args
+
+
+def test_points_parse_and_name_their_overrides():
+    assert parse_point("32768:full") == {"seq_len": 32768, "attention": "full", "moba": None, "gpus": 1}
+    assert parse_point("1048576:512:8@sp2") == {"seq_len": 1048576, "attention": "moba", "moba": "512:8", "gpus": 2}
+    for bad in ("32768", "32768:512", "x:full", "32768:full@dp2", "32768:512:8:1"):
+        with pytest.raises(ValueError, match=f"--points: '{bad}' is not SEQ_LEN:full"):
+            parse_point(bad)
+    o = point_overrides(parse_point("4096:256:4@sp2"), 5)
+    assert o[:2] == ["model=llama_1b", "data.documents=package"]
+    assert {"data.seq_len=4096", "train.max_steps=5", "optim.warmup_steps=5", "parallel.sp_size=2", "schedule=moba",
+            "moba.block_size=256", "moba.top_k=4", "checkpoint.enabled=false"} <= set(o)
+    assert "schedule=full" in point_overrides(parse_point("4096:full"), 5)
+
+
+def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
+    f = tmp_path / "train.json"
+    row = {"seq_len": 8, "attention": "full", "moba": None, "gpus": 1, "tokens_per_s": 1.0}
+    two = {**row, "gpus": 2, "tokens_per_s": 5.0}
+    merge_json(f, [row, two])
+    merge_json(f, [{**row, "tokens_per_s": 3.0}])
+    assert sorted((r["gpus"], r["tokens_per_s"]) for r in json.loads(f.read_text())) == [(1, 3.0), (2, 5.0)]
+
+
+def test_cpu_run_writes_rows_and_table_and_reruns_into_the_same_root(tmp_path, small_corpus):
+    md, js, root = tmp_path / "B.md", tmp_path / "train.json", tmp_path / "runs"
+    md.write_text("# Benchmarks\n\nkept text\n")
+    small = [a for a in SMALL if not a.startswith(("data.seq_len", "moba.", "train.micro_batch_size"))]
+    args = ["--points", "256:full,256:32:2,256:33:2", "--steps", "3", "--model", "tiny", "--run-root", str(root),
+            "--output", str(md), "--json", str(js), "--timeout", "300", "--", *small, *small_data_args(small_corpus)]
+    assert main(args) == 1  # block size 33 is refused (not a multiple of 16): that row fails, the others stand
+    rows = json.loads(js.read_text())
+    assert [(r["seq_len"], r["attention"], r["moba"], r["ok"]) for r in rows] == [
+        (256, "full", None, True), (256, "moba", "32:2", True), (256, "moba", "33:2", False)]
+    full, moba, bad = rows
+    assert bad["error"] == "ValueError: moba.block_size=33 must be a positive multiple of 16"
+    for r in (full, moba):
+        assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu"] is None  # CPU
+        assert r["gpu"] == "cpu" and r["date"] and r["gpus"] == 1
+    assert not list(root.glob("*/checkpoints/step_*"))  # checkpoint.enabled=false
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nkept text\n") and text.count(MARK_BEGIN) == text.count(MARK_END) == 1
+    assert f"| 256 | 1 | MoBA 32:2 | {moba['tokens_per_s']:,.0f} | {moba['step_s']:.2f} | " \
+           f"{full['step_s'] / moba['step_s']:.2f}x |" in text
+    # the same root again: run directories are replaced (no resume=none refusal), rows replaced, not added
+    assert main([*args[:1], "256:full", *args[2:]]) == 0
+    assert [r["moba"] for r in json.loads(js.read_text())] == [None, "32:2", "33:2"]
