@@ -194,8 +194,10 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
 RESUME_KEYS = [
     "model.name_or_path", "model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads",
     "model.num_kv_heads", "model.tie_embeddings", "data.path", "data.tokenizer", "data.vocab_size", "data.seq_len",
-    "data.packing", "train.micro_batch_size", "seed", "world_size", "parallel.sp_size",
+    "data.packing", "data.documents", "train.micro_batch_size", "seed", "world_size", "parallel.sp_size",
 ]
+# Values of keys added to RESUME_KEYS later, for checkpoints saved before them (they ran with the default).
+RESUME_DEFAULTS = {"data.documents": "module"}
 
 
 def _get(cfg: dict, dotted: str):
@@ -214,8 +216,13 @@ def check_resume_compatible(ckpt_dir: Path, tag: str, run_config: dict) -> None:
     if not f.is_file():
         return
     saved = json.loads(f.read_text())
-    diff = [f"{k}={_get(saved, k)!r} there, {_get(run_config, k)!r} now" for k in RESUME_KEYS
-            if _get(saved, k) != _get(run_config, k)]
+
+    def value(cfg: dict, k: str):
+        v = _get(cfg, k)
+        return RESUME_DEFAULTS.get(k) if v is None else v
+
+    diff = [f"{k}={value(saved, k)!r} there, {value(run_config, k)!r} now" for k in RESUME_KEYS
+            if value(saved, k) != value(run_config, k)]
     if diff:
         raise ValueError(
             f"cannot resume from {ckpt_dir / tag}: " + "; ".join(diff)

@@ -202,3 +202,20 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     (other / "step_00000001").mkdir(parents=True)
     torch.save({"w": 1}, other / "step_00000001" / "mp_rank_00_model_states.pt")
     assert ckpt.resolve_resume("auto", other) is None
+
+
+def test_resuming_with_other_documents_is_refused_naming_data_documents(tmp_path):
+    tag = tmp_path / "step_00000002"
+    tag.mkdir()
+    saved = {"data": {"path": "/corpus", "documents": "module"}, "world_size": 1}
+    (tag / "run_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"data.documents='module' there, 'package' now"):
+        ckpt.check_resume_compatible(tmp_path, tag.name, {"data": {"path": "/corpus", "documents": "package"},
+                                                          "world_size": 1})
+    ckpt.check_resume_compatible(tmp_path, tag.name, saved)  # same settings: no error
+    # a checkpoint saved before data.documents existed ran module-level documents
+    (tag / "run_config.json").write_text(json.dumps({"data": {"path": "/corpus"}, "world_size": 1}))
+    ckpt.check_resume_compatible(tmp_path, tag.name, saved)
+    with pytest.raises(ValueError, match=r"data.documents='module' there, 'package' now"):
+        ckpt.check_resume_compatible(tmp_path, tag.name, {"data": {"path": "/corpus", "documents": "package"},
+                                                          "world_size": 1})
