@@ -124,6 +124,28 @@ def test_bad_target(tmp_path):
         evaluate_targets(EvalConfig(eval=EvalSettings(targets=[str(tmp_path)])))
 
 
+def test_package_documents_from_a_corpus_without_folders_are_refused_naming_the_setting(tmp_path):
+    """eval.documents=package on a run that trained on a prepared directory (read as it is: the setting was
+    silently ignored) or with eval.data_path a table file stops before the model is loaded."""
+    from train.config import DataConfig, RunConfig
+    from train.eval import tokenizer_and_data
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "prepared.json").write_text("{}")
+    run = Target(tmp_path, tmp_path, "checkpoint", tmp_path, RunConfig(data=DataConfig(path=str(prepared))), 2)
+    with pytest.raises(ValueError, match=re.escape(f"eval.documents=package groups the files of a directory (or "
+                                                   f"the stdlib) by top-level folder; the run's data.path={prepared} "
+                                                   "is a prepared directory")):
+        tokenizer_and_data(run, EvalSettings(documents="package"))
+    table = tmp_path / "docs.jsonl"
+    table.write_text('{"text": "a b c"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"eval.data_path={table} is a table file")):
+        tokenizer_and_data(run, EvalSettings(documents="package", data_path=str(table)))
+    with pytest.raises(ValueError, match="holds no tokenizer"):  # module level passes the check
+        tokenizer_and_data(run, EvalSettings(documents="module"))
+
+
 def test_default_lengths_quarter_half_and_trained():
     from train.eval import default_lengths
 
