@@ -137,12 +137,32 @@ def write_weights(state: dict, out: Path, tied: bool) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def check_out_dir(out: Path, tag_dir: Path) -> None:
+    """Refuse an ``out`` that exporting would destroy: it is replaced whole, so it must not hold the
+    checkpoint (e.g. the run dir itself) and, when it exists, must be an earlier export (``moba_export.json``)
+    or an empty directory.
+
+    Raises:
+        ValueError: naming ``out`` and what it holds.
+    """
+    out, tag_dir = Path(out).resolve(), Path(tag_dir).resolve()
+    if out == tag_dir or out in tag_dir.parents:
+        raise ValueError(f"out dir {out} holds the checkpoint being exported ({tag_dir}) and would be replaced: "
+                         "choose a directory outside it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out dir {out} is a file: choose a directory (it is written as a whole)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "moba_export.json").is_file():
+        raise ValueError(f"out dir {out} already holds files and is not an earlier export (no moba_export.json); "
+                         "it would be replaced whole: choose another directory or remove it first")
+
+
 def export(src: Path, out: Path) -> Path:
     """Export the checkpoint at ``src`` (tag, checkpoint or run dir) to the HF directory ``out``; returns
     ``out``. Written beside ``out`` and renamed into place, so ``out`` is never half written.
 
     Raises:
-        ValueError: no loadable checkpoint at ``src``, or the model it was trained from cannot be read.
+        ValueError: no loadable checkpoint at ``src``, the model it was trained from cannot be read, or ``out``
+            cannot be replaced (``check_out_dir``).
     """
     from transformers import GenerationConfig
 
@@ -151,6 +171,7 @@ def export(src: Path, out: Path) -> Path:
     from .model import hf_config
 
     ckpt_dir, tag = find_checkpoint(src)
+    check_out_dir(out, ckpt_dir / tag)
     cfg = run_config_of(ckpt_dir, tag)
     state = state_dict_of(ckpt_dir, tag, cfg.parallel.zero_stage)
     vocab = state[MODULE_PREFIX + "model.embed_tokens.weight"].shape[0]
@@ -183,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m train.export SRC OUT``. Returns the exit status (2 on a ValueError)."""
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
     p.add_argument("src", help="a run dir, a checkpoint dir or one checkpoint (step_*)")
-    p.add_argument("out", help="the HF model directory to write (replaced if it exists)")
+    p.add_argument("out", help="the HF model directory to write (an earlier export there is replaced)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

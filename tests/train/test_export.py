@@ -100,3 +100,34 @@ def test_weights_are_written_one_decoder_layer_per_shard(tmp_path, monkeypatch):
 def test_export_of_a_path_without_checkpoint_names_it(tmp_path, capsys):
     assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert f"{tmp_path} is neither a checkpoint" in capsys.readouterr().err
+
+
+def test_an_out_dir_that_export_would_destroy_is_refused(tmp_path, capsys):
+    """The out dir is replaced whole: the run dir itself, its checkpoints, a file or a directory of other files
+    are refused before anything is read or written (``export runs/x runs/x`` used to delete the run)."""
+    from train.export import check_out_dir
+
+    run = tmp_path / "run"
+    tag = run / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tag / "manifest.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    for out in (run, run / "checkpoints", tag):
+        assert export_main([str(run), str(out)]) == 2
+        assert f"out dir {out} holds the checkpoint being exported ({tag})" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("mine")
+    assert export_main([str(run), str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is a file" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.bin").write_text("mine")
+    assert export_main([str(run), str(other)]) == 2
+    assert f"out dir {other} already holds files and is not an earlier export" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n' and (tag / "manifest.json").is_file()
+    assert (other / "data.bin").read_text() == "mine" and (tmp_path / "notes.txt").read_text() == "mine"
+    (other / "data.bin").unlink()
+    check_out_dir(other, tag)  # an empty directory
+    (other / "moba_export.json").write_text('{"step": 1}')
+    (other / "model.safetensors").write_text("old")
+    check_out_dir(other, tag)  # an earlier export is replaced
+    check_out_dir(tmp_path / "new", tag)
