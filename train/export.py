@@ -109,8 +109,9 @@ def _shard_group(name: str) -> str:
 
 def write_weights(state: dict, out: Path, tied: bool) -> None:
     """Safetensors shards of one decoder layer each (the embeddings, the final norm and the LM head in
-    shards of their own), plus ``model.safetensors.index.json`` when there are several: the host holds the
-    fp32 copy of one layer at a time, whatever the model's size. Tensors are materialised one by one from
+    shards of their own), plus ``model.safetensors.index.json`` when there are several (``total_size``: the
+    tensors' bytes, as ``save_pretrained`` counts them): the host holds the fp32 copy of one layer at a time,
+    whatever the model's size. Tensors are materialised one by one from
     ``state`` (lazy for ZeRO checkpoints); names lose the training module's prefix; ``lm_head.weight`` is
     left out when tied to the input embeddings (as ``save_pretrained`` does)."""
     from safetensors.torch import save_file
@@ -120,7 +121,7 @@ def write_weights(state: dict, out: Path, tied: bool) -> None:
     for n in names:
         groups.setdefault(_shard_group(n), []).append(n)
     shard_names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    weight_map = {}
+    weight_map, total = {}, 0
     for shard, members in zip(shard_names, groups.values()):
         cur = {}
         for n in members:
@@ -128,11 +129,11 @@ def write_weights(state: dict, out: Path, tied: bool) -> None:
             cur[key] = state[n].contiguous().detach().to(torch.float32).clone()
         save_file(cur, str(out / shard), metadata={"format": "pt"})
         weight_map.update({k: shard for k in cur})
+        total += sum(t.numel() * t.element_size() for t in cur.values())
         del cur
     if len(shard_names) == 1:
         (out / shard_names[0]).rename(out / "model.safetensors")
         return
-    total = sum((out / s).stat().st_size for s in shard_names)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 

@@ -90,6 +90,7 @@ def test_weights_are_written_one_decoder_layer_per_shard(tmp_path, monkeypatch):
                       ["model.layers.10.mlp.up_proj.weight"], ["model.norm.weight"]]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(n[3:] for n in names[:-1])
+    assert index["metadata"]["total_size"] == (len(names) - 1) * 6 * 4  # fp32 tensor bytes, headers not counted
     loaded = {}
     for shard in set(index["weight_map"].values()):
         loaded.update(safetensors.torch.load_file(tmp_path / shard))
