@@ -9,8 +9,9 @@ A point is ``SEQ_LEN:full`` or ``SEQ_LEN:BLOCK:TOP_K`` (MoBA in every layer), wi
 over N GPUs. Every point is one ``python -m torch.distributed.run -m train`` run of the real loop (data,
 DeepSpeed step, logging) of ``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long
 documents) with ``BASE_OVERRIDES`` (activation checkpointing, no checkpoint written) and the overrides
-after ``--``. Tokens/s, step time and MFU are medians over the steps after the first two (compilation,
-warm-up); memory is the peak of the run. A run that fails (out of memory included) is a row with ``ok: false``.
+after ``--`` (which may not set what a point, ``--steps``, ``--model`` or ``--documents`` fixes: ``POINT_KEYS``).
+Tokens/s, step time and MFU are medians over the steps after the first two (compilation, warm-up); memory is
+the peak of the run. A run that fails (out of memory included) is a row with ``ok: false``.
 
 Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
 rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
@@ -78,6 +79,26 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
         return [*out, "schedule=full"]
     block, top_k = p["moba"].split(":")
     return [*out, "schedule=moba", f"moba.block_size={block}", f"moba.top_k={top_k}"]
+
+
+# Settings a point (or --model / --documents / --steps) fixes: given after ``--`` they would silently replace the
+# point's own values, and the row would name a run that did not happen.
+POINT_KEYS = {"data.seq_len": "--points", "moba.block_size": "--points", "moba.top_k": "--points",
+              "moba.full_attn_layers": "--points", "moba.layers": "--points", "parallel.sp_size": "--points (@spN)",
+              "schedule": "--points", "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents"}
+
+
+def check_extra(extra: list[str]) -> None:
+    """Refuse overrides after ``--`` that set a setting of ``POINT_KEYS`` (or a ``schedule.*`` field).
+
+    Raises:
+        ValueError: naming the override and the option that sets it.
+    """
+    for o in extra:
+        key = o.lstrip("+~").split("=", 1)[0]
+        flag = POINT_KEYS.get(key) or ("--points" if key.startswith("schedule.") else None)
+        if flag:
+            raise ValueError(f"override {o!r} after -- would replace the benchmark's own {key}: set it with {flag}")
 
 
 def summarize(rows: list[dict], gpus: int) -> dict:
@@ -186,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         points = [parse_point(t) for t in args.points.split(",") if t.strip()]
+        if not points:
+            raise ValueError(f"--points {args.points!r} names no point")
+        names = [point_name(p) for p in points]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--points {args.points!r} names a point twice")
+        if args.steps < 1:
+            raise ValueError(f"--steps {args.steps} must be >= 1")
+        check_extra(extra)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

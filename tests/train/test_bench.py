@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from train.bench import MARK_BEGIN, MARK_END, main, merge_json, parse_point, point_overrides
+from train.bench import MARK_BEGIN, MARK_END, check_extra, main, merge_json, parse_point, point_overrides
 
 from .conftest import SMALL, small_data_args
 
@@ -21,6 +21,29 @@ def test_points_parse_and_name_their_overrides():
     assert {"data.seq_len=4096", "train.max_steps=5", "optim.warmup_steps=5", "parallel.sp_size=2", "schedule=moba",
             "moba.block_size=256", "moba.top_k=4", "checkpoint.enabled=false"} <= set(o)
     assert "schedule=full" in point_overrides(parse_point("4096:full"), 5)
+
+
+@pytest.mark.parametrize("args,message", [
+    pytest.param(["--", "data.seq_len=128"], "override 'data.seq_len=128' after -- would replace the benchmark's own "
+                 "data.seq_len: set it with --points", id="seq_len"),
+    pytest.param(["--", "moba.top_k=3"], "own moba.top_k: set it with --points", id="top_k"),
+    pytest.param(["--", "+schedule.reverse=true"], "own schedule.reverse: set it with --points", id="schedule"),
+    pytest.param(["--", "model=tiny"], "own model: set it with --model", id="model"),
+    pytest.param(["--", "train.max_steps=9"], "own train.max_steps: set it with --steps", id="steps-key"),
+    pytest.param(["--steps", "0"], "--steps 0 must be >= 1", id="steps"),
+    pytest.param(["--points", " , "], "--points ' , ' names no point", id="no-point"),
+    pytest.param(["--points", "256:full,256:32:2,256:full"], "names a point twice", id="twice"),
+])
+def test_bad_arguments_stop_before_any_run(tmp_path, capsys, args, message):
+    """An override after -- of a setting the point fixes used to win silently: the row said 256 tokens, top-2
+    and the run trained at 128 tokens, top-3."""
+    md, js, root = tmp_path / "B.md", tmp_path / "train.json", tmp_path / "runs"
+    base = ["--points", "256:32:2", "--model", "tiny", "--run-root", str(root), "--output", str(md), "--json", str(js)]
+    assert main([*base, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not root.exists() and not md.exists() and not js.exists()
+    check_extra(["model.fused_ops=false", "model.num_layers=2", "train.activation_checkpointing=false",
+                 "moba.backend=flash", "data.path=x"])  # settings a point leaves open pass
 
 
 def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
