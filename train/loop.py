@@ -249,6 +249,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             log.info("resumed from %s at step %d (%d tokens seen)", resume[0] / resume[1], step, tokens)
     elif info.is_main:
         log.info("starting from scratch (no checkpoint in %s)", ckpt_dir)
+        drop_stale_export(run_dir / "hf", keep=[cfg.model.name_or_path, cfg.data.tokenizer])
     if info.is_main:  # config.json, config-history/, and the settings changed since the checkpoint
         record_config(run_dir, run_config, resume[0] / resume[1] if resume is not None else None)
     start_step, eval_step, val = step, None, {}
@@ -423,6 +424,21 @@ def exported_step(out_dir: Path) -> int | None:
         return int(json.loads((out_dir / EXPORT_RECORD).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def drop_stale_export(out_dir: Path, keep: list[str | None] = ()) -> None:
+    """Remove the HF export ``out_dir`` left by an earlier launch when this one starts from scratch (that
+    launch saved no checkpoint: ``checkpoint.enabled=false``, or its checkpoints were deleted). Its weights are
+    not this run's, yet its step would match this run's last one: the final export was skipped and
+    ``python -m train.eval`` took the old weights for the run's. Kept when it is (or holds) one of the paths
+    ``keep`` (the model or tokenizer this run starts from)."""
+    if any(k and Path(out_dir).resolve() in (Path(k).resolve(), *Path(k).resolve().parents) for k in keep):
+        return
+    step = exported_step(out_dir)
+    if out_dir.exists():
+        log.warning("removing %s: an HF export%s of an earlier launch, which saved no checkpoint (this launch "
+                    "starts from scratch)", out_dir, f" of step {step}" if step is not None else "")
+        shutil.rmtree(out_dir)
 
 
 def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: int, step: int,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from .conftest import read_metrics, run_train
+from .conftest import read_metrics, run_train, small_data_args
 
 
 def test_train_then_resume_matches_uninterrupted_run(tmp_path, data_cache):
@@ -135,3 +135,36 @@ def test_optimizer_offload_matches_zero2(tmp_path, data_cache):
     assert not list((tmp_path / "z2").glob("checkpoints/step_*"))
     assert (tmp_path / "off" / "checkpoints" / "step_00000003").is_dir()
     assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-5)
+
+
+def test_a_fresh_start_replaces_the_export_of_a_launch_that_saved_no_checkpoint(tmp_path, small_corpus):
+    """checkpoint.enabled=false writes hf/ but no checkpoint; the next launch starts from scratch. Its final
+    export used to be skipped (hf/ already said step 2), leaving the first launch's weights as the run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir, cache = tmp_path / "run", small_corpus[1]
+    common = ["train.max_steps=2", "checkpoint.enabled=false", "checkpoint.export_hf=true",
+              *small_data_args(small_corpus)]
+    run_train([*common, "seed=1"], run_dir, cache)
+    first = load_file(run_dir / "hf" / "model.safetensors")
+    proc = run_train([*common, "seed=2"], run_dir, cache)
+    assert f"removing {run_dir / 'hf'}: an HF export of step 2 of an earlier launch" in proc.stdout + proc.stderr
+    second = load_file(run_dir / "hf" / "model.safetensors")
+    assert json.loads((run_dir / "hf" / "moba_export.json").read_text()) == {"step": 2}
+    assert not torch.equal(first["model.embed_tokens.weight"], second["model.embed_tokens.weight"])
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+
+
+def test_a_fresh_start_keeps_an_export_it_starts_from(tmp_path):
+    from train.loop import drop_stale_export
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "moba_export.json").write_text('{"step": 2}')
+    drop_stale_export(hf, keep=[str(hf), None])
+    drop_stale_export(hf, keep=[None, str(hf / "tokenizer.model")])
+    assert hf.is_dir()
+    drop_stale_export(hf, keep=[str(tmp_path / "other"), None])
+    assert not hf.exists()
+    drop_stale_export(hf)  # nothing there: nothing to do
