@@ -302,7 +302,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         return {"step": step, "tokens": tokens, "sampler": train_loader.sampler.state_dict()}
 
     pre_clip_norm = None
-    preempt = PreemptionFlag()
+    preempt = PreemptionFlag(saves=cfg.checkpoint.enabled)
     while step < cfg.train.max_steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         moba_now = use_schedule_of(step)

@@ -23,10 +23,12 @@ _installed: list[PreemptionFlag] = []  # flags whose handlers are in place, olde
 
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1 / SIGINT; ``requested(device)`` is collective (every rank must call it).
-    ``phase`` (``"train"`` or a description of the final work under way) words the message on a signal."""
+    ``phase`` (``"train"`` or a description of the final work under way) words the message on a signal;
+    ``saves=False`` (``checkpoint.enabled=false``) says no checkpoint will be saved."""
 
-    def __init__(self):
+    def __init__(self, saves: bool = True):
         self.hit = False
+        self.saves = saves
         self.phase = "train"
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -38,7 +40,8 @@ class PreemptionFlag:
         if not self.hit:
             name = signal.Signals(signum).name
             if self.phase == "train":
-                log.warning("received %s: saving a checkpoint after this step, then stopping", name)
+                log.warning("received %s: %s", name, "saving a checkpoint after this step, then stopping" if self.saves
+                            else "stopping after this step (checkpoint.enabled=false: nothing is saved)")
             else:
                 log.warning("received %s during %s: stopping after it; the next launch does what is left",
                             name, self.phase)

@@ -1,6 +1,7 @@
 """The save-and-exit signal handlers are put back however a run ends: a run that raises must not leave
 SIGINT / SIGTERM swallowed in its process."""
 
+import logging
 import signal
 
 import pytest
@@ -29,3 +30,16 @@ def test_restore_is_idempotent():
     flag.restore()
     flag.restore()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("saves,message", [(True, "received SIGTERM: saving a checkpoint after this step"),
+                                           (False, "received SIGTERM: stopping after this step (checkpoint.enabled"
+                                                   "=false: nothing is saved)")])
+def test_the_signal_message_says_whether_a_checkpoint_is_saved(caplog, saves, message):
+    flag = PreemptionFlag(saves=saves)
+    try:
+        with caplog.at_level(logging.WARNING, logger="train.preemption"):
+            flag._handle(signal.SIGTERM, None)
+    finally:
+        flag.restore()
+    assert flag.hit and message in caplog.text
