@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,28 @@ def failure_reason(stderr: str) -> str | None:
     return None
 
 
+def run_group(cmd: list[str], timeout: float, grace: float = 60.0) -> subprocess.CompletedProcess | None:
+    """Run ``cmd`` (output captured) in a process group of its own; None when it ran past ``timeout`` seconds.
+
+    On a timeout or an interruption the launcher gets SIGTERM, on which ``torch.distributed.run`` stops its
+    workers (they run in sessions of their own: killing the launcher alone, as before, left them training
+    beside the next point), then, after ``grace`` seconds, the launcher's group gets SIGKILL."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:  # the timeout, or Ctrl-C (which the new session no longer passes on)
+        proc.terminate()
+        try:
+            proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            return None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_point(p: dict, args, extra: list[str]) -> dict:
     """Train one point in a fresh run directory; its row of ``results/train.json`` (``ok`` false on failure)."""
     run_dir = Path(args.run_root) / point_name(p)
@@ -132,9 +155,8 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
            *extra]
     print("+", " ".join(cmd), flush=True)
     row = {**p, "ok": False, "error": None}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
+    proc = run_group(cmd, args.timeout)
+    if proc is None:
         return {**row, "error": f"timed out after {args.timeout} s"}
     metrics = run_dir / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():

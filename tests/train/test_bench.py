@@ -78,3 +78,48 @@ def test_cpu_run_writes_rows_and_table_and_reruns_into_the_same_root(tmp_path, s
     # the same root again: run directories are replaced (no resume=none refusal), rows replaced, not added
     assert main([*args[:1], "256:full", *args[2:]]) == 0
     assert [r["moba"] for r in json.loads(js.read_text())] == [None, "32:2", "33:2"]
+
+
+# A launcher as torch.distributed.run: its worker runs in a session of its own (out of reach of a signal to the
+# launcher's group) and is stopped by the launcher when the launcher gets SIGTERM. A SIGKILL of the launcher
+# alone (subprocess.run's timeout) left the worker running.
+WORKER = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+FORWARDING_LAUNCHER = """import signal, subprocess, sys, time
+w = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]], start_new_session=True)
+signal.signal(signal.SIGTERM, lambda *a: (w.terminate(), w.wait(), sys.exit(1)))
+time.sleep(120)"""
+# A launcher that forwards nothing (its worker in its group): the group is killed after the grace period.
+DEAF_LAUNCHER = """import signal, subprocess, sys, time
+subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]])
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(120)"""
+
+
+@pytest.mark.parametrize("launcher", [FORWARDING_LAUNCHER, DEAF_LAUNCHER], ids=["forwarding", "deaf"])
+def test_a_point_past_its_timeout_is_stopped_with_its_workers(tmp_path, launcher):
+    import sys
+    import time
+    from pathlib import Path
+
+    from train.bench import run_group
+
+    pid_file = tmp_path / "worker.pid"
+    start = time.monotonic()
+    assert run_group([sys.executable, "-c", launcher, WORKER, str(pid_file)], timeout=5, grace=3) is None
+    assert time.monotonic() - start < 30
+    pid = int(pid_file.read_text())
+
+    def running():  # a killed process not yet reaped (zombie, state Z) counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    for _ in range(50):
+        if not running():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"worker {pid} still runs")
+    done = run_group([sys.executable, "-c", "print('ok')"], timeout=30)
+    assert done.returncode == 0 and done.stdout == "ok\n"
