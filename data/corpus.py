@@ -120,17 +120,26 @@ def _read_table(path: Path, cache_dir: Path | None) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"name": names, "text": [t or "" for t in ds["text"]]})
 
 
-def check_documents(documents: str, path: str | os.PathLike | None) -> None:
-    """Raises `ValueError` naming `data.documents` when it is not a mode of `DOCUMENT_MODES`, or is
-    `package` for a table corpus (a file: its rows have no folders to group by) or a prepared directory."""
+def check_documents(documents: str, path: str | os.PathLike | None, key: str = "data.documents",
+                    path_key: str = "data.path", fix: str | None = None) -> None:
+    """Refuse a `documents` mode that is not one of `DOCUMENT_MODES`, or `package` for a corpus that has no
+    folders to group by: a table file (its rows) or a prepared directory (whose documents `python -m
+    data.prepare` fixed; they would be read as they are, silently).
+
+    `key` and `path_key` name where `documents` and `path` come from (`data.documents` / `data.path`, or
+    `eval.documents` / `eval.data_path`, or "the run's data.path"); `fix` is the override that changes the
+    mode (default `key`). Raises `ValueError` naming `key`, `path_key` and their values.
+    """
+    fix = fix or key
     if documents not in DOCUMENT_MODES:
-        raise ValueError(f"data.documents={documents!r} must be one of {', '.join(DOCUMENT_MODES)}")
-    if documents == "package" and is_prepared(path):
-        raise ValueError(f"data.documents=package: data.path={path} is a prepared directory, whose documents "
-                         "python -m data.prepare fixed; use data.documents=module")
-    if documents == "package" and path is not None and Path(path).expanduser().is_file():
-        raise ValueError(f"data.documents=package groups the files of a directory (or the stdlib) by top-level "
-                         f"folder; data.path={path} is a table file: use data.documents=module")
+        raise ValueError(f"{key}={documents!r} must be one of {', '.join(DOCUMENT_MODES)}")
+    if documents != "package" or path is None:
+        return
+    kind = ("a prepared directory, whose documents python -m data.prepare fixed" if is_prepared(path) else
+            "a table file" if Path(path).expanduser().is_file() else None)
+    if kind is not None:
+        raise ValueError(f"{key}=package groups the files of a directory (or the stdlib) by top-level folder; "
+                         f"{path_key}={path} is {kind}: use {fix}=module")
 
 
 def group_by_package(ds: datasets.Dataset) -> datasets.Dataset:

@@ -29,7 +29,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from data.corpus import DOCUMENT_MODES
+from data.corpus import DOCUMENT_MODES, check_documents
 from moba_core.hf import apply_moba, attention_modules, moba_config_from_record, set_moba_layers
 from moba_core.schedule import Schedule
 
@@ -182,26 +182,6 @@ def load_model(t: Target, vocab_size: int, device: torch.device):
     return lm.to(device).eval()
 
 
-def check_eval_documents(documents: str, path: str | None, s: EvalSettings) -> None:
-    """Refuse package-level held-out documents from a corpus that has none: a table file, or a prepared
-    directory (whose rows ``python -m data.prepare`` fixed; they would be read as they are, silently).
-
-    Raises:
-        ValueError: naming where ``documents`` and ``path`` come from (``eval.*`` or the run's ``data.*``).
-    """
-    from data.prepared import is_prepared
-
-    if documents != "package" or path is None:
-        return
-    kind = ("a prepared directory" if is_prepared(path) else
-            "a table file" if Path(path).expanduser().is_file() else None)
-    if kind is not None:
-        doc_key = "eval.documents" if s.documents else "the run's data.documents"
-        path_key = "eval.data_path" if s.data_path is not None else "the run's data.path"
-        raise ValueError(f"{doc_key}=package groups the files of a directory (or the stdlib) by top-level folder; "
-                         f"{path_key}={path} is {kind}: use eval.documents=module")
-
-
 def tokenizer_and_data(t: Target, s: EvalSettings):
     """(tokenizer, ``val_at(length)``: the held-out ``PackedDataset`` with one document per row at that length)."""
     from data import build_data, load_tokenizer, tokenizer_in
@@ -210,7 +190,9 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
     path = s.data_path if s.data_path is not None else (t.run_cfg.data.path if t.run_cfg else None)
     cache = s.cache_dir if s.cache_dir is not None else (t.run_cfg.data.cache_dir if t.run_cfg else None)
     documents = s.documents or (t.run_cfg.data.documents if t.run_cfg else "module")
-    check_eval_documents(documents, path, s)
+    check_documents(documents, path, key="eval.documents" if s.documents else "the run's data.documents",
+                    path_key="eval.data_path" if s.data_path is not None else "the run's data.path",
+                    fix="eval.documents")
     spec = None
     if t.run_dir is not None:
         spec = tokenizer_in(t.run_dir / "tokenizer")

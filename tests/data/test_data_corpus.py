@@ -1,6 +1,7 @@
 """Corpus loading (directory, jsonl, parquet, stdlib), the validation split, and errors naming data.path."""
 
 import json
+import re
 
 import datasets
 import pytest
@@ -150,6 +151,30 @@ def test_bad_documents_setting_names_it(tmp_path, documents, path_kind, message)
         path.write_text(json.dumps({"text": "a"}) + "\n")
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         load_corpus(path, documents=documents)
+
+
+def test_documents_check_names_the_setting_it_is_given(tmp_path):
+    """One check serves data.* and eval.*: the error names the setting the value came from, and the fix."""
+    from data.corpus import check_documents
+
+    table = tmp_path / "t.jsonl"
+    table.write_text(json.dumps({"text": "a"}) + "\n")
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "prepared.json").write_text("{}")
+    with pytest.raises(ValueError, match=re.escape(f"data.documents=package groups the files of a directory (or the "
+                                                   f"stdlib) by top-level folder; data.path={prepared} is a prepared "
+                                                   "directory, whose documents python -m data.prepare fixed: use "
+                                                   "data.documents=module")):
+        check_documents("package", prepared)
+    with pytest.raises(ValueError, match=re.escape(f"eval.documents=package groups the files of a directory (or the "
+                                                   f"stdlib) by top-level folder; eval.data_path={table} is a table "
+                                                   "file: use eval.documents=module")):
+        check_documents("package", table, key="eval.documents", path_key="eval.data_path")
+    with pytest.raises(ValueError, match=re.escape("eval.documents='file' must be one of module, package")):
+        check_documents("file", tmp_path, key="eval.documents")
+    for documents, path in (("package", tmp_path), ("package", None), ("module", table), ("module", prepared)):
+        check_documents(documents, path, key="eval.documents")  # passes
 
 
 def test_length_summary_hand_worked():

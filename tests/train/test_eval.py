@@ -144,6 +144,13 @@ def test_package_documents_from_a_corpus_without_folders_are_refused_naming_the_
         tokenizer_and_data(run, EvalSettings(documents="package", data_path=str(table)))
     with pytest.raises(ValueError, match="holds no tokenizer"):  # module level passes the check
         tokenizer_and_data(run, EvalSettings(documents="module"))
+    # a run trained at package level (stdlib) evaluated on a table: the run's setting is named, and the fix
+    package_run = Target(tmp_path, tmp_path, "checkpoint", tmp_path,
+                         RunConfig(data=DataConfig(documents="package")), 2)
+    with pytest.raises(ValueError, match=re.escape(f"the run's data.documents=package groups the files of a directory "
+                                                   f"(or the stdlib) by top-level folder; eval.data_path={table} is a "
+                                                   "table file: use eval.documents=module")):
+        tokenizer_and_data(package_run, EvalSettings(data_path=str(table)))
 
 
 def test_default_lengths_quarter_half_and_trained():
