@@ -47,7 +47,8 @@ class ModelConfig:
     max_position_embeddings: int | None = 131072  # largest position the model is configured for (tokens)
     tie_embeddings: bool | None = True  # share input embedding and LM head weights
     init_std: float = 0.02  # std of the normal init of fresh weights
-    # Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy loss: auto (on a GPU) | true | false
+    # Liger-Kernel's fused RMSNorm, RoPE, SwiGLU and linear + cross-entropy loss: auto (on a GPU, for an
+    # architecture Liger-Kernel patches) | true (refused otherwise) | false
     fused_ops: Any = "auto"
     compile: bool = False  # torch.compile every decoder layer (the attention call stays eager)
 

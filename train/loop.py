@@ -36,6 +36,7 @@ from .model import (
     count_params,
     fused_ops_enabled,
     model_shape,
+    model_type_of,
     peak_flops,
     step_flops,
 )
@@ -176,7 +177,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     check_tokenizer_fits(cfg.model, tokenizer_spec, "data.tokenizer" if cfg.data.tokenizer else
                          "model.name_or_path" if cfg.model.name_or_path else "the run's stored tokenizer")
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
-    fused_ops = fused_ops_enabled(cfg.model.fused_ops, info.device)  # before any data work: a bad value fails now
+    # before any data work: a bad value, or an architecture Liger-Kernel does not patch, fails now
+    fused_ops = fused_ops_enabled(cfg.model.fused_ops, info.device, model_type_of(cfg.model))
     check_same_run_dir(run_dir)  # every rank writes into rank 0's run directory
     mpu = sp_group = None
     if info.sp_size > 1:

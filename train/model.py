@@ -268,24 +268,57 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return total
 
 
-def fused_ops_enabled(setting, device: torch.device) -> bool:
-    """Whether ``model.fused_ops`` (``"auto"``, True or False) turns Liger-Kernel's fused ops on for
-    ``device``: ``auto`` = on a GPU when ``liger_kernel`` is installed. Its Triton kernels need a GPU (or
-    ``TRITON_INTERPRET=1``, which the CPU tests use).
+def model_type_of(cfg: ModelConfig) -> str:
+    """The HF ``model_type`` of the model ``build_model`` makes (``llama`` for a fresh model, the checkpoint's
+    otherwise), read without building it.
 
     Raises:
-        ValueError: ``model.fused_ops=true`` without ``liger_kernel`` installed, or on a CPU without the
-            Triton interpreter.
+        ValueError: as ``checkpoint_config``.
+    """
+    return checkpoint_config(cfg).model_type if cfg.name_or_path else "llama"
+
+
+def check_fused_model_type(model_type: str | None) -> None:
+    """Refuse an architecture whose layers Liger-Kernel does not patch (its ``MODEL_TYPE_TO_APPLY_LIGER_FN``).
+
+    Raises:
+        ValueError: naming ``model.fused_ops`` and ``model_type``.
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"model.fused_ops=true: Liger-Kernel has no fused ops for model_type={model_type!r}; "
+                         "set model.fused_ops=false (or auto: fused where Liger-Kernel can)")
+
+
+def fused_ops_enabled(setting, device: torch.device, model_type: str | None) -> bool:
+    """Whether ``model.fused_ops`` (``"auto"``, True or False) turns Liger-Kernel's fused ops on for a model of
+    ``model_type`` (``model_type_of``) on ``device``: ``auto`` = on a GPU when ``liger_kernel`` is installed and
+    patches ``model_type``. Its Triton kernels need a GPU (or ``TRITON_INTERPRET=1``, which the CPU tests use).
+    Called before any data or model work, so that a setting that cannot work fails at once.
+
+    Raises:
+        ValueError: ``model.fused_ops=true`` without ``liger_kernel`` installed, for a ``model_type`` it does not
+            patch (``check_fused_model_type``), or on a CPU without the Triton interpreter.
     """
     import importlib.util
 
     have = importlib.util.find_spec("liger_kernel") is not None
     if setting == "auto":
-        return have and device.type == "cuda"
+        if not (have and device.type == "cuda"):
+            return False
+        try:
+            check_fused_model_type(model_type)
+        except ValueError:
+            log.info("model.fused_ops=auto: Liger-Kernel has no fused ops for model_type=%r; the model runs unfused",
+                     model_type)
+            return False
+        return True
     if not setting:
         return False
     if not have:
         raise ValueError("model.fused_ops=true needs Liger-Kernel: pip install liger-kernel (or model.fused_ops=false)")
+    check_fused_model_type(model_type)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("model.fused_ops=true needs a GPU (Liger-Kernel's Triton kernels); on a CPU use "
                          "model.fused_ops=false (or TRITON_INTERPRET=1, very slow)")
@@ -303,15 +336,12 @@ def apply_fused_ops(lm: nn.Module, ops: tuple[str, ...] = FUSED_OPS) -> None:
     the packed, document-masked forward here does not use.
 
     Raises:
-        ValueError: ``lm``'s architecture (``config.model_type``) is one Liger-Kernel does not patch.
+        ValueError: ``lm``'s architecture (``config.model_type``) is one Liger-Kernel does not patch (the
+            training loop has refused it before any work: ``fused_ops_enabled``), or ``ops`` holds another op.
     """
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    model_type = getattr(lm.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise ValueError(f"model.fused_ops: Liger-Kernel has no fused ops for model_type={model_type!r}; "
-                         "set model.fused_ops=false")
+    check_fused_model_type(getattr(lm.config, "model_type", None))
     unknown = set(ops) - set(FUSED_OPS)
     if unknown:
         raise ValueError(f"fused ops {sorted(unknown)} are not among {FUSED_OPS}")

@@ -95,12 +95,19 @@ def test_compiled_layers_equal_eager_and_keep_parameter_names():
 
 
 def test_fused_ops_setting(monkeypatch):
-    cpu = torch.device("cpu")
-    assert fused_ops_enabled("auto", cpu) is False  # the GPU default, off on a CPU
-    assert fused_ops_enabled(False, cpu) is False
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU is used
+    assert fused_ops_enabled("auto", cpu, "llama") is False  # the GPU default, off on a CPU
+    assert fused_ops_enabled(False, cpu, "llama") is False
+    assert fused_ops_enabled("auto", gpu, "llama") is True
+    # auto on a GPU stays unfused for an architecture Liger-Kernel does not patch (it used to fail after the
+    # data build); true refuses it, naming the setting and the model type
+    assert fused_ops_enabled("auto", gpu, "olmo") is False
+    assert fused_ops_enabled(False, gpu, "olmo") is False
+    with pytest.raises(ValueError, match="model.fused_ops=true: Liger-Kernel has no fused ops for model_type='olmo'"):
+        fused_ops_enabled(True, gpu, "olmo")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="model.fused_ops=true needs a GPU"):
-        fused_ops_enabled(True, cpu)
+        fused_ops_enabled(True, cpu, "llama")
     with pytest.raises(ValueError, match="model.fused_ops='yes' must be auto, true or false"):
         ModelConfig(fused_ops="yes")
     with pytest.raises(ValueError, match=r"fused ops \['layernorm'\] are not among"):

@@ -57,16 +57,28 @@ def test_unreadable_or_too_large_tokenizer(tmp_path, init_checkpoint, small_corp
 @pytest.mark.parametrize("where,message", [
     pytest.param("missing", "model.name_or_path='{p}' does not exist", id="missing"),
     pytest.param("tokenizer", "data.tokenizer: the tokenizer '{p}' cannot be read", id="corrupt-tokenizer"),
+    pytest.param("fused", "model.fused_ops=true: Liger-Kernel has no fused ops for model_type='olmo'",
+                 id="fused-ops-architecture"),
 ])
-def test_errors_come_before_any_data_work(tmp_path, init_checkpoint, where, message):
+def test_errors_come_before_any_data_work(tmp_path, init_checkpoint, monkeypatch, where, message):
     cache = tmp_path / "cache"
     p = tmp_path / "nowhere" if where == "missing" else tmp_path / "bad.model"
+    model = p if where == "missing" else init_checkpoint
     if where == "tokenizer":
         p.write_bytes(b"garbage")
-    overrides = [*SMALL, f"data.cache_dir={cache}", "device=cpu",
-                 f"model.name_or_path={p if where == 'missing' else init_checkpoint}"]
+    if where == "fused":  # the same weights, as an architecture Liger-Kernel does not patch
+        pytest.importorskip("liger_kernel")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # as on a GPU: fused ops would otherwise run
+        model = tmp_path / "olmo"
+        shutil.copytree(init_checkpoint, model)
+        c = json.loads((model / "config.json").read_text())
+        c.update(model_type="olmo", architectures=["OlmoForCausalLM"])
+        (model / "config.json").write_text(json.dumps(c))
+    overrides = [*SMALL, f"data.cache_dir={cache}", "device=cpu", f"model.name_or_path={model}"]
     if where == "tokenizer":
         overrides.append(f"data.tokenizer={p}")
+    if where == "fused":
+        overrides.append("model.fused_ops=true")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = to_run_config(compose("config", overrides=overrides), overrides)
     with pytest.raises(ValueError, match=message.format(p=p)):
