@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -107,13 +109,30 @@ def _shard_group(name: str) -> str:
     return name
 
 
+def set_plain_file_modes(directory: Path) -> None:
+    """Give every file directly in ``directory`` the mode a plain ``open()`` there gives (0o666 less the umask,
+    or what the directory's default ACL says: read from a probe file, so no umask is changed): safetensors writes
+    through a temporary file and leaves its files 0600, unreadable by the other users of a shared model
+    directory."""
+    probe = directory / ".mode-probe"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        mode = stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.unlink()
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
 def write_weights(state: dict, out: Path, tied: bool) -> None:
     """Safetensors shards of one decoder layer each (the embeddings, the final norm and the LM head in
     shards of their own), plus ``model.safetensors.index.json`` when there are several (``total_size``: the
     tensors' bytes, as ``save_pretrained`` counts them): the host holds the fp32 copy of one layer at a time,
     whatever the model's size. Tensors are materialised one by one from
     ``state`` (lazy for ZeRO checkpoints); names lose the training module's prefix; ``lm_head.weight`` is
-    left out when tied to the input embeddings (as ``save_pretrained`` does)."""
+    left out when tied to the input embeddings (as ``save_pretrained`` does). Files get the modes a plain
+    ``open()`` gives (``set_plain_file_modes``)."""
     from safetensors.torch import save_file
 
     names = [n for n in state if not (tied and n == MODULE_PREFIX + "lm_head.weight")]
@@ -133,9 +152,10 @@ def write_weights(state: dict, out: Path, tied: bool) -> None:
         del cur
     if len(shard_names) == 1:
         (out / shard_names[0]).rename(out / "model.safetensors")
-        return
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    else:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    set_plain_file_modes(out)
 
 
 def check_out_dir(out: Path, tag_dir: Path) -> None:
@@ -159,7 +179,8 @@ def check_out_dir(out: Path, tag_dir: Path) -> None:
 
 def export(src: Path, out: Path) -> Path:
     """Export the checkpoint at ``src`` (tag, checkpoint or run dir) to the HF directory ``out``; returns
-    ``out``. Written beside ``out`` and renamed into place, so ``out`` is never half written.
+    ``out``. Written beside ``out`` and renamed into place, so ``out`` is never half written; its files get the
+    modes a plain ``open()`` gives (0644 under umask 022).
 
     Raises:
         ValueError: no loadable checkpoint at ``src``, the model it was trained from cannot be read, or ``out``

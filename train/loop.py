@@ -22,7 +22,7 @@ from . import data_identity
 from .config import RunConfig
 from .distributed import DistInfo, init_distributed, world_from_env
 from .eval import tasks_during_training
-from .export import moba_record
+from .export import moba_record, set_plain_file_modes
 from .guard import NonFiniteError, NonFiniteGuard
 from .metrics import MetricsLogger
 from .model import (
@@ -448,7 +448,8 @@ def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: 
     """Write the model as an HF checkpoint (config + safetensors, and the tokenizer) that
     ``model.name_or_path`` can load, with ``moba_export.json`` naming ``step`` and the MoBA settings
     ``moba`` (``train.export.moba_record``) in its config (``moba_core.hf.load_moba_model`` reapplies them).
-    It is written beside ``out_dir`` and renamed into place, so ``out_dir`` is never half written.
+    It is written beside ``out_dir`` and renamed into place, so ``out_dir`` is never half written; its files get
+    the modes a plain ``open()`` gives (0644 under umask 022; safetensors alone would leave the weights 0600).
     Collective under ZeRO-3 (parameters are gathered); rank 0 writes."""
     import deepspeed
 
@@ -466,6 +467,7 @@ def export_hf(engine, lm, tokenizer, out_dir: Path, info: DistInfo, zero_stage: 
             lm.config._attn_implementation = attn
             tokenizer.save(tmp)
             (tmp / EXPORT_RECORD).write_text(json.dumps({"step": step}))
+            set_plain_file_modes(tmp)  # safetensors leaves its files 0600
             shutil.rmtree(old, ignore_errors=True)
             if out_dir.exists():
                 out_dir.rename(old)

@@ -132,3 +132,57 @@ def test_an_out_dir_that_export_would_destroy_is_refused(tmp_path, capsys):
     (other / "model.safetensors").write_text("old")
     check_out_dir(other, tag)  # an earlier export is replaced
     check_out_dir(tmp_path / "new", tag)
+
+
+@pytest.fixture
+def umask():
+    """``os.umask`` for one test: the umask it sets is put back after the test."""
+    import os
+
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_exported_weights_get_the_modes_of_a_plain_open(tmp_path, umask, mask, mode):
+    """safetensors writes through a temporary file (mode 0600): other users of a shared model directory
+    could not read the weights. Every file of the export gets the mode open() gives under the umask."""
+    import stat
+
+    from train import export as ex
+
+    umask(mask)
+    one, many = tmp_path / "one", tmp_path / "many"
+    for d, names in ((one, ["lm.model.norm.weight"]),
+                     (many, ["lm.model.embed_tokens.weight", "lm.model.layers.0.mlp.up_proj.weight"])):
+        d.mkdir()
+        ex.write_weights({n: torch.ones(2, 2) for n in names}, d, tied=False)
+    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in many.iterdir()) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    for f in [*one.iterdir(), *many.iterdir()]:
+        assert oct(stat.S_IMODE(f.stat().st_mode)) == oct(mode), f.name
+
+
+def test_the_training_loops_export_gets_the_modes_of_a_plain_open(tmp_path, umask):
+    """The end-of-run HF export (``train.loop.export_hf``, ``save_pretrained``: safetensors, 0600 before)."""
+    import stat
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.distributed import DistInfo
+    from train.loop import export_hf
+
+    class Tok:  # what export_hf uses of a tokenizer
+        def save(self, d):
+            (d / "tokenizer.model").write_bytes(b"sp")
+
+    umask(0o022)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    out = tmp_path / "hf"
+    export_hf(None, lm, Tok(), out, DistInfo(0, 1, 0, 1, torch.device("cpu")), zero_stage=0, step=3)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert "model.safetensors" in modes and "tokenizer.model" in modes
+    assert modes == dict.fromkeys(modes, oct(0o644))
