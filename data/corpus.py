@@ -13,7 +13,8 @@ Sources (`data.path`):
 makes one document per top-level entry of the stdlib or the directory: the files of a package (folder),
 concatenated in sorted path order, each preceded by a line naming it (`FILE_HEADER`), like the
 repository-level documents of long-context code data; a top-level file stays a document of its own. The
-stdlib then holds documents of 10^5-10^6 tokens.
+stdlib then holds documents of 10^5-10^6 tokens. A directory with a single top-level entry (one document:
+train and validation would be the same text) is refused, naming the folder to use as `data.path` instead.
 
 Files are decoded as UTF-8 with undecodable bytes replaced. Documents whose text is only whitespace
 are dropped. The validation split holds the documents whose name hashes below `VAL_FRACTION` (about 2%
@@ -160,7 +161,8 @@ def load_corpus(path: str | os.PathLike | None = None, cache_dir: Path | None = 
     whitespace-only documents dropped; `documents="package"` groups files by top-level folder (see the module
     docstring). `cache_dir` (optional) hosts `datasets`' own cache for table files.
     Raises `ValueError` naming `data.path` and its value when the path does not exist, has an unsupported
-    suffix, lacks a `text` column, or yields no documents, and naming `data.documents` as `check_documents`.
+    suffix, lacks a `text` column, or yields no documents, naming `data.documents` as `check_documents`, and
+    when `documents="package"` makes a single document (`check_package_count`).
     """
     check_documents(documents, path)
     if path is None:
@@ -177,7 +179,20 @@ def load_corpus(path: str | os.PathLike | None = None, cache_dir: Path | None = 
     if len(keep) < len(ds):
         logger.info("corpus: dropped %d empty documents", len(ds) - len(keep))
         ds = ds.select(keep)
+    if documents == "package" and len(ds) == 1:
+        check_package_count(path, ds["name"][0])
     return ds
+
+
+def check_package_count(path: str | os.PathLike, entry: str) -> None:
+    """Refuse a package-level corpus of one document (the directory `path` has one top-level entry `entry` with
+    text): its train and validation splits would be the same text, so the validation loss would measure
+    memorisation. Raises `ValueError` naming `data.documents`, `data.path`, `entry` and what to set instead."""
+    folder = Path(path) / entry
+    fix = (f"set data.path={folder} to make each entry of that folder a document, or use data.documents=module"
+           if folder.is_dir() else "add documents, or point data.path at a directory with more")
+    raise ValueError(f"data.documents=package: data.path={path} holds one top-level entry ({entry}), so the corpus "
+                     f"is one document and the train and validation splits would be the same text; {fix}")
 
 
 def _name_hash(name: str) -> float:

@@ -124,6 +124,35 @@ def test_package_documents_group_top_level_folders_in_path_order(tmp_path):
     assert load_corpus(tmp_path)["name"] == ["other/z.txt", "pkg/__init__.py", "pkg/a.py", "pkg/sub/b.py", "solo.py"]
 
 
+def test_package_documents_of_one_top_level_folder_are_refused_naming_the_folder_to_use(tmp_path):
+    """One top-level folder made one package document: train and val were the same text (a warning only), so
+    the validation loss measured memorisation. The error names the setting, the path and the folder to use."""
+    from data import build_data
+
+    for name in ("repo/a.py", "repo/sub/b.py", "repo/c.md", ".git/x.txt", "repo/empty.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("" if "empty" in name else f"text of {name}\n")
+    message = re.escape(f"data.documents=package: data.path={tmp_path} holds one top-level entry (repo), so the "
+                        "corpus is one document and the train and validation splits would be the same text; set "
+                        f"data.path={tmp_path / 'repo'} to make each entry of that folder a document, or use "
+                        "data.documents=module")
+    with pytest.raises(ValueError, match=message):
+        load_corpus(tmp_path, documents="package")
+    with pytest.raises(ValueError, match=message):  # before any tokenizer is trained or data cached
+        build_data(path=str(tmp_path), seq_len=64, documents="package", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "tokens").exists()
+    # what the error says to do works: the folder's entries (a.py, c.md, sub/) are the documents
+    assert load_corpus(tmp_path / "repo", documents="package")["name"] == ["a.py", "c.md", "sub"]
+    assert len(load_corpus(tmp_path)) == 3  # module level: one document per file
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    (solo / "only.txt").write_text("one file\n")
+    with pytest.raises(ValueError, match=re.escape(f"data.path={solo} holds one top-level entry (only.txt), so the "
+                                                   "corpus is one document and the train and validation splits would "
+                                                   "be the same text; add documents")):
+        load_corpus(solo, documents="package")
+
+
 def test_stdlib_package_documents_hold_every_module_and_are_long():
     modules = load_corpus(None)
     packages = load_corpus(None, documents="package")
