@@ -102,13 +102,14 @@ def check_extra(extra: list[str]) -> None:
             raise ValueError(f"override {o!r} after -- would replace the benchmark's own {key}: set it with {flag}")
 
 
-def summarize(rows: list[dict], gpus: int) -> dict:
-    """Medians of the steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows."""
+def summarize(rows: list[dict]) -> dict:
+    """Medians of the steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows: tokens/s
+    of the job (all GPUs), seconds per step (a step's tokens, ``tokens`` / ``step`` as ``tokens`` counts the run's
+    tokens so far, over its tokens/s) and MFU; the peak memory and every loss."""
     steady = rows[2:] or rows
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
-    tps = statistics.median(r["tokens_per_s"] for r in steady)
-    return {"tokens_per_s": tps, "tokens_per_s_per_gpu": tps / gpus,
-            "step_s": statistics.median(r["tokens"] / r["tokens_per_s"] for r in steady if r["tokens_per_s"]),
+    step_s = [r["tokens"] / r["step"] / r["tokens_per_s"] for r in steady if r["tokens_per_s"]]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "step_s": statistics.median(step_s),
             "mfu": statistics.median(mfu) if mfu else None,
             "peak_gib": max((r.get("mem_gb") or 0.0) for r in rows), "losses": [r["loss"] for r in rows]}
 
@@ -163,7 +164,7 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
         print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
         return {**row, "error": failure_reason(proc.stderr) or f"exit {proc.returncode}"}
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x]
-    return {**row, **summarize(rows, p["gpus"]), "ok": True}
+    return {**row, **summarize(rows), "ok": True}
 
 
 def table(results: list[dict], command: str, gpu: str) -> str:

@@ -55,6 +55,20 @@ def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
     assert sorted((r["gpus"], r["tokens_per_s"]) for r in json.loads(f.read_text())) == [(1, 3.0), (2, 5.0)]
 
 
+def test_summary_of_metrics_rows_hand_worked():
+    """Steps 3 and 4 (after two warm-up steps) of 1000 tokens each at 2000 and 4000 tokens/s: 0.5 s and 0.25 s.
+    ``tokens`` in metrics.jsonl counts the run's tokens so far: step_s was tokens / tokens_per_s (1.5 s and 1 s),
+    the step time times the step number. A row carries no per-GPU rate (tokens_per_s / gpus: both are in it)."""
+    from train.bench import summarize
+
+    rows = [{"step": i + 1, "tokens": 1000 * (i + 1), "tokens_per_s": tps, "mfu": mfu, "mem_gb": mem, "loss": loss}
+            for i, (tps, mfu, mem, loss) in enumerate([(100.0, 0.01, 1.0, 9.0), (500.0, 0.1, 3.0, 8.0),
+                                                       (2000.0, 0.2, 2.0, 7.0), (4000.0, 0.4, None, 6.0)])]
+    assert summarize(rows) == {"tokens_per_s": 3000.0, "step_s": 0.375, "mfu": pytest.approx(0.3), "peak_gib": 3.0,
+                               "losses": [9.0, 8.0, 7.0, 6.0]}
+    assert summarize(rows[:1])["step_s"] == 10.0  # fewer than three steps: all of them
+
+
 def test_cpu_run_writes_rows_and_table_and_reruns_into_the_same_root(tmp_path, small_corpus):
     md, js, root = tmp_path / "B.md", tmp_path / "train.json", tmp_path / "runs"
     md.write_text("# Benchmarks\n\nkept text\n")
