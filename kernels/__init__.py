@@ -2,7 +2,7 @@
 
     kernels.routing        block tables, block mean-pool, fused scores + top-(k-1), key-block-major lists
     kernels.attention_fwd  block-sparse attention forward (partials merged by LSE) and the launch-config table
-    kernels.attention_bwd  block-sparse attention backward (dq, dk, dv; no atomics)
+    kernels.attention_bwd  block-sparse attention backward (dq, dk, dv; FlashAttention-2 style)
 The benchmark that drives them through ``moba_core`` is ``python -m train.bench_kernels``; NOTES.md keeps
 each kernel version's measurements.
 """

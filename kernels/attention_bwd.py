@@ -1,4 +1,4 @@
-"""MoBA block-sparse attention backward for the queries of sparse blocks: no atomics, deterministic.
+"""MoBA block-sparse attention backward for the queries of sparse blocks, FlashAttention-2 style.
 
 With the global LSE of the forward (base 2) and ``delta = rowsum(dO * O)`` per (head, query), every
 (query, key) pair contributes independently (the flash-attention identity ``dS = P * (dP - delta)``
@@ -7,27 +7,27 @@ of one exact backward.
 
 Kernels (launched over upper bounds; surplus programs exit):
     ``_delta_kernel``        delta fp32 (HQ, T) for the rows of sparse blocks.
-    ``_gather_rows_kernel``  "gather and densify" (FlashMoBA's term): q, dO, LSE and delta of every list
-                             entry copied into list order, per chunk of KV heads, so the key-major kernel
+    ``_gather_rows_kernel``  "gather and densify" (FlashMoBA's term): q, dO, LSE, delta and the token of every
+                             list entry copied into list order, per chunk of KV heads, so the key-major kernel
                              below reads contiguous rows (pipelined loads) instead of chasing indices (the
                              indexed version ran at a third of the speed: 400 vs 130 ms at 128K:4096:12).
-    ``_dkdv_kernel``         key-block-major: a program owns (KV head, block, tile of BLOCK_N keys) and
-                             accumulates dK, dV in registers over (a) the block's own queries (causal) for
+    ``_dkdv_kernel``         key-block-major, one pass: a program owns (KV head, block, tile of BLOCK_N keys)
+                             and accumulates dK, dV in registers over (a) the block's own queries (causal) for
                              the G query heads of the group, when the block is sparse, and (b) every query
                              in the block's lists (one list per query head, or one per KV head under group
-                             routing). It writes dK, dV once: no atomics, and a block nobody selects gets its
-                             diagonal part only (exact zeros where dO is zero, never NaN). 4 products per pair.
-    ``_list_dq_kernel``      over the same query tiles as the forward lists: dQ of the gathered queries
-                             against the block's keys, in registers, written as a partial per (query, slot)
-                             (HC, T, KSEL, D). 3 products per pair.
-    ``_diag_dq_kernel``      query-major causal dQ inside the current block plus the KSEL partials, summed
-                             in fp32 and written once.
-No atomics anywhere: the same inputs give bitwise-equal gradients.
-Layouts, dtypes and head dims as in ``kernels.attention_fwd``. Rows of dense blocks are not written in dq
-(the caller's dense path owns them); every row of dk, dv is written.
+                             routing). Each (key tile, query tile) also adds its dQ into an fp32 accumulator
+                             (HC, T, D) with one relaxed atomic add: 5 matrix products per pair, no separate
+                             dQ pass. dK, dV are written once (a block nobody selects gets its diagonal part
+                             only: exact zeros where dO is zero, never NaN).
+dK and dV are summed in the order of the lists, dQ (fused) in the order of the atomic adds: both reproducible
+to rounding; bitwise under ``torch.use_deterministic_algorithms(True)`` (sorted lists, dQ in its own pass).
+Layouts, dtypes and head dims as in ``kernels.attention_fwd``. Rows of dense blocks get zeros in dq (the
+caller's dense path overwrites them); every row of dk, dv is written.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -57,10 +57,13 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, block_start_ptr, block_len_ptr, spar
 
 
 @triton.jit
-def _dkdv_tile(k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, rmask, qk_scale, offs_d, dmask, causal_mask,
-               DOT_PREC: tl.constexpr):
-    """dK, dV increments ([BLOCK_N, BLOCK_D] each, unscaled dK) from one tile of queries given by row
-    pointers ([BLOCK_M] pointers to the first element of each q / dO row, and to its LSE and delta)."""
+def _bwd_tile(k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, dq_rows, rmask, qk_scale, sm_scale, offs_d, dmask,
+              causal_mask, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """One (key tile, query tile) of the FlashAttention-2 backward: returns the dK (unscaled) and dV
+    increments [BLOCK_N, BLOCK_D] and adds the tile's scaled dQ [BLOCK_M, BLOCK_D] into the fp32 rows
+    ``dq_rows`` with one relaxed atomic add. Queries come as row pointers ([BLOCK_M] pointers to the first
+    element of each q / dO row and to its LSE and delta). 5 matrix products per (query, key) pair; without
+    ``FUSED_DQ`` only dK and dV (4 products, ``dq_rows`` unused)."""
     # [BLOCK_M, BLOCK_D]
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     do = tl.load(do_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -71,20 +74,25 @@ def _dkdv_tile(k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, rmask, qk_scale, off
     pt = tl.where(causal_mask, tl.exp2(st - lse[None, :]), 0.0)
     dv = tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    dst = pt * (dpt - delta[None, :])
-    dk = tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk = tl.dot(dst, q, input_precision=DOT_PREC)
+    if FUSED_DQ:
+        # [BLOCK_M, BLOCK_D]
+        dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
+        tl.atomic_add(dq_rows[:, None] + offs_d[None, :], dq, mask=rmask[:, None] & dmask[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _gather_rows_kernel(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, qg_ptr, dog_ptr, lg_ptr, dg_ptr, entries_ptr, list_ptr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, entries_ptr, list_ptr,
     stride_qt, stride_qh, stride_dot, stride_doh, T, KSEL, LIST0, LIST1, CAP,
     G: tl.constexpr, GROUP: tl.constexpr, NH: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     """Copy q, dO, LSE and delta of every entry of lists [LIST0, LIST1) into list order ("gather and densify"):
-    row ``j * CAP + (e - list_ptr[LIST0])`` holds query head j of the entry at sorted position e."""
+    row ``j * CAP + (e - list_ptr[LIST0])`` holds query head j of the entry at sorted position e; ``tg`` int32
+    [e - list_ptr[LIST0]] its token."""
     E0 = tl.load(list_ptr + LIST0)
     e_start = E0 + tl.program_id(0).to(tl.int64) * BLOCK_E
     E1 = tl.load(list_ptr + LIST1)
@@ -97,6 +105,7 @@ def _gather_rows_kernel(
     hr = ent // KSEL // T
     offs_d = tl.arange(0, BLOCK_D)
     md = m[:, None] & (offs_d[None, :] < D)
+    tl.store(tg_ptr + offs - E0, t.to(tl.int32), mask=m)
     for j in range(NH):
         if GROUP:
             hq = hr * G + j
@@ -114,14 +123,14 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    qg_ptr, dog_ptr, lg_ptr, dg_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dqacc_ptr,
+    qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     T, NB, DENSE_BLOCKS, qk_scale, sm_scale, HKV0, LIST0, CAP,
     G: tl.constexpr, NLISTS: tl.constexpr, KSEL,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
+    HAS_LISTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     NKT = tl.cdiv(BLOCK_SIZE, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
@@ -153,14 +162,15 @@ def _dkdv_kernel(
                 rmask = offs_m < blen
                 cm = (offs_m[None, :] >= offs_n[:, None]) & rmask[None, :] & nmask[:, None]
                 t = start + offs_m
-                ddk, ddv = _dkdv_tile(k, v, q_ptr + t * stride_qt + hq * stride_qh,
-                                      do_ptr + t * stride_dot + hq * stride_doh, lse_ptr + hq * T + t,
-                                      delta_ptr + hq * T + t, rmask, qk_scale, offs_d, dmask, cm, DOT_PREC)
+                ddk, ddv = _bwd_tile(k, v, q_ptr + t * stride_qt + hq * stride_qh,
+                                     do_ptr + t * stride_dot + hq * stride_doh, lse_ptr + hq * T + t,
+                                     delta_ptr + hq * T + t, dqacc_ptr + ((hq - HKV0 * G) * T + t) * D, rmask,
+                                     qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ)
                 dk += ddk
                 dv += ddv
     # (b) the queries that selected this block (only full blocks can be selected), read in list order from
-    # the gathered copies (contiguous rows: plain pipelined loads)
-    if KSEL > 0:
+    # the gathered copies (contiguous rows: plain pipelined loads); not compiled when top_k = 1
+    if HAS_LISTS:
         if blen == BLOCK_SIZE:
             E0 = tl.load(list_ptr + LIST0)
             for li in range(NLISTS):
@@ -170,13 +180,18 @@ def _dkdv_kernel(
                 e1 = tl.load(list_ptr + lst + 1)
                 for j in range(G // NLISTS):
                     base = j * CAP - E0
+                    hq = hkv * G + li * (G // NLISTS) + j
                     for e in range(e0, e1, BLOCK_M):
                         offs_e = e + tl.arange(0, BLOCK_M)
                         rmask = offs_e < e1
                         rows = base + offs_e
                         cm = rmask[None, :] & nmask[:, None]
-                        ddk, ddv = _dkdv_tile(k, v, qg_ptr + rows * D, dog_ptr + rows * D, lg_ptr + rows,
-                                              dg_ptr + rows, rmask, qk_scale, offs_d, dmask, cm, DOT_PREC)
+                        t = rows  # unused without FUSED_DQ
+                        if FUSED_DQ:
+                            t = tl.load(tg_ptr + offs_e - E0, mask=rmask, other=0).to(tl.int64)
+                        ddk, ddv = _bwd_tile(k, v, qg_ptr + rows * D, dog_ptr + rows * D, lg_ptr + rows,
+                                             dg_ptr + rows, dqacc_ptr + ((hq - HKV0 * G) * T + t) * D, rmask,
+                                             qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ)
                         dk += ddk
                         dv += ddv
     omask = nmask[:, None] & dmask[None, :]
@@ -292,6 +307,22 @@ def _diag_dq_kernel(
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=rmask)
 
 
+def fused_dq(block_size: int) -> bool:
+    """Whether dQ is accumulated inside the dK/dV kernel (fp32 atomics, 5 products per pair) rather than in
+    its own pass (list dQ + diagonal dQ kernels, 3 more products, no atomics).
+
+    Measured on an H200 (``kernels/NOTES.md``, v2c): one atomic add per (query, key tile) costs less than the
+    second pass while a block has few key tiles (block 128: 16.9 vs 22.9 ms at 2x65536:128:8; equal at
+    512) and more beyond (block 4096: 290 vs 257 ms at 131072:4096:12). Off under
+    ``torch.use_deterministic_algorithms(True)`` (the separate pass is bitwise reproducible).
+    ``MOBA_FUSED_DQ=0|1`` overrides both.
+    """
+    env = os.environ.get("MOBA_FUSED_DQ")
+    if env is not None:
+        return env != "0"
+    return block_size <= 512 and not torch.are_deterministic_algorithms_enabled()
+
+
 def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: int, block_size: int,
              softmax_scale: float, group_routing: bool, dense_blocks: int, dq, dk, dv, budget_bytes: int):
     """Backward of MoBA attention for the queries of sparse blocks.
@@ -299,8 +330,13 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
     Args:
         do, q, o: (T, HQ, D); k, v: (T, HKV, D); lse fp32 (HQ, T) from ``moba_fwd``; layout, sel, lists
         from ``kernels.routing``; dense_blocks as given to ``block_layout``; dq (T, HQ, D), dk, dv
-        (T, HKV, D): output buffers (dq written on the rows of sparse blocks, dk and dv on every row);
-        budget_bytes: bound of the gathered copies and of the dQ partial buffers (heads are chunked).
+        (T, HKV, D): output buffers (dk, dv written on every row; dq on the rows of sparse blocks, and with
+        zeros on the other rows when ``fused_dq``: the caller's dense path overwrites them); budget_bytes:
+        bound of the gathered copies and of the dQ buffers (KV / routing heads are processed in chunks that
+        fit).
+    With ``fused_dq(block_size)`` dQ is summed with fp32 atomic adds, so its last bits may differ between
+    runs. dK and dV are summed in list order: bitwise reproducible when the lists are sorted
+    (``kernels.routing.build_block_lists``: deterministic mode, or above its scatter size).
     """
     T, HQ, D = q.shape
     HKV = k.shape[1]
@@ -308,27 +344,27 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
     ksel = top_k - 1
     nb = layout["NB"]
     dev = q.device
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    qk_scale = softmax_scale * LOG2E
-    delta = torch.empty((HQ, T), device=dev, dtype=torch.float32)
-    if layout["NS"]:
-        _delta_kernel[(layout["NS"] * triton.cdiv(block_size, 64), HQ)](
-            o, do, delta, layout["block_start"], layout["block_len"], layout["sparse_blocks"],
-            o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BLOCK_D=BLOCK_D,
-            BLOCK_SIZE=block_size, BLOCK_M=64)
-    strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-                   stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1))
-    const = dict(T=T, qk_scale=qk_scale, G=G, KSEL=ksel, D=D, BLOCK_D=BLOCK_D, BLOCK_SIZE=block_size,
-                 DOT_PREC=dot_precision(q.dtype))
     if layout["NS"] == 0:  # every query is dense: the caller's dense path owns all gradients
         dk.zero_()
         dv.zero_()
         return
-    cfg = kernel_config("dkdv", block_size, D, q.dtype)
-    # KV heads in chunks: the gathered q / dO copies of a chunk's lists stay within the budget
-    row_bytes = 2 * D * q.element_size() + 8
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    qk_scale = softmax_scale * LOG2E
+    delta = torch.empty((HQ, T), device=dev, dtype=torch.float32)
+    _delta_kernel[(layout["NS"] * triton.cdiv(block_size, 64), HQ)](
+        o, do, delta, layout["block_start"], layout["block_len"], layout["sparse_blocks"],
+        o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BLOCK_D=BLOCK_D,
+        BLOCK_SIZE=block_size, BLOCK_M=64)
+    strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+                   stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1))
+    const = dict(T=T, qk_scale=qk_scale, G=G, KSEL=ksel, D=D, BLOCK_D=BLOCK_D, BLOCK_SIZE=block_size,
+                 DOT_PREC=dot_precision(q.dtype))
+    fused = fused_dq(block_size)
+    cfg = kernel_config("dkdv_fused" if fused else "dkdv", block_size, D, q.dtype)
     nh = G if group_routing else 1  # query heads per routing head
-    for g0, g1 in head_chunks(HKV, G * T * ksel * row_bytes, budget_bytes):
+    # per KV head: the gathered q / dO / LSE / delta rows and tokens of its lists (and the fp32 dQ rows)
+    head_bytes = G * T * (ksel * (2 * D * q.element_size() + 12) + (4 * D if fused else 0))
+    for g0, g1 in head_chunks(HKV, head_bytes, budget_bytes):
         hr0, hr1 = (g0, g1) if group_routing else (g0 * G, g1 * G)
         cap = T * (hr1 - hr0) * ksel  # entries of the chunk, at most
         if ksel:
@@ -336,29 +372,35 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
             dog = torch.empty((cap * nh, D), device=dev, dtype=do.dtype)
             lg = torch.empty((cap * nh,), device=dev, dtype=torch.float32)
             dg = torch.empty((cap * nh,), device=dev, dtype=torch.float32)
+            tg = torch.empty((cap,), device=dev, dtype=torch.int32)
             _gather_rows_kernel[(triton.cdiv(cap, 64),)](
-                q, do, lse, delta, qg, dog, lg, dg, lists["entries"], lists["list_ptr"],
+                q, do, lse, delta, qg, dog, lg, dg, tg, lists["entries"], lists["list_ptr"],
                 strides["stride_qt"], strides["stride_qh"], strides["stride_dot"], strides["stride_doh"], T, ksel,
                 LIST0=hr0 * nb, LIST1=hr1 * nb, CAP=cap, G=G, GROUP=group_routing, NH=nh, D=D, BLOCK_D=BLOCK_D,
                 BLOCK_E=64,
             )
             list_ptr = lists["list_ptr"]
         else:
-            qg = dog = lg = dg = list_ptr = delta  # unused
+            qg = dog = lg = dg = tg = list_ptr = delta  # unused (HAS_LISTS off)
+        # [query heads of the chunk, T, D] fp32
+        dq_acc = torch.zeros(((g1 - g0) * G, T, D), device=dev, dtype=torch.float32) if fused else delta
         _dkdv_kernel[(nb * triton.cdiv(block_size, cfg["BLOCK_N"]), g1 - g0)](
-            q, k, v, do, lse, delta, dk, dv, qg, dog, lg, dg, list_ptr,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, qg, dog, lg, dg, tg, list_ptr,
             layout["block_start"], layout["block_len"], layout["block_first"],
             stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
             NB=nb, DENSE_BLOCKS=dense_blocks, sm_scale=softmax_scale, HKV0=g0, LIST0=hr0 * nb, CAP=cap,
-            NLISTS=1 if group_routing else G, **strides, **const, **cfg,
+            NLISTS=1 if group_routing else G, FUSED_DQ=fused, HAS_LISTS=ksel > 0, **strides, **const, **cfg,
         )
-        del qg, dog, lg, dg
-    nh = G if group_routing else 1
+        del qg, dog, lg, dg, tg
+        if fused:
+            dq[:, g0 * G:g1 * G].copy_(dq_acc.transpose(0, 1))
+        del dq_acc
+    if fused:
+        return
     hr_total = HKV if group_routing else HQ
-    chunks = head_chunks(hr_total, nh * T * ksel * D * q.element_size(), budget_bytes)
     dcfg = kernel_config("diag_dq", block_size, D, q.dtype)
     lcfg = kernel_config("list_dq", block_size, D, q.dtype)
-    for h0, h1 in chunks:
+    for h0, h1 in head_chunks(hr_total, nh * T * ksel * D * q.element_size(), budget_bytes):
         hq0, nhq = h0 * nh, (h1 - h0) * nh
         if ksel:
             dqpart = torch.empty((nhq, T, ksel, D), device=dev, dtype=q.dtype)

@@ -19,8 +19,8 @@ Both run per chunk of HC heads so the partial buffers stay bounded (about the si
 
 Layouts: q, o (T, HQ, D); k, v (T, HKV, D); any strides (int64 offsets). GQA: HQ = G * HKV, k/v never
 expanded; per-head routing lists are per query head, group routing lists per KV head (a program then
-serves the G heads of its group from one K/V stream). Dtypes fp16 / bf16 / fp32 (fp32 dots in "ieee"
-precision). Head dim D <= 128, padded to a power of two >= 16. Selected blocks are always full
+serves the G heads of its group from one K/V stream). Dtypes fp16 / bf16 / fp32 (fp32 dots: see
+``dot_precision``). Head dim D <= 128, padded to a power of two >= 16. Selected blocks are always full
 (``block_size`` keys), so only the diagonal part needs key masks. Rows of dense blocks are not written.
 """
 
@@ -52,14 +52,17 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
     else:
         big = head_dim > 64 or dtype == torch.float32
         bm, bn, w, s = {
-            "list_fwd": (128, 64, 8, 3) if big else (128, 128, 8, 3),
+            "list_fwd": ((64, 64, 4, 3) if block_size <= 512 else (128, 64, 8, 3)) if big else (128, 128, 8, 3),
             "combine_fwd": (64, 64, 4, 3),
             "dkdv": (32, 64, 4, 2),
+            "dkdv_fused": (32, 128, 8, 2),
             "list_dq": (128, 32, 4, 3),
             "diag_dq": (128, 64, 8, 2),
         }[name]
         if dtype == torch.float32:
-            bm, bn = min(bm, 64), min(bn, 64)
+            # fp32 operands split for "tf32x3" need 4x the shared memory of bf16 ones: the fused dK/dV kernel at
+            # 32 x 64, 2 stages asked for 262 KB (H200 limit 227 KB); 32 x 32 tiles without pipelining fit all
+            bm, bn, s = min(bm, 32), min(bn, 32), 1
     bn = min(bn, block_size)
     while block_size % bn:
         bn //= 2
@@ -221,8 +224,13 @@ def _combine_fwd_kernel(
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 dots; fp16 / bf16 ignore the setting."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """Precision of ``tl.dot`` for fp32 inputs (fp16 / bf16 ignore it): "tf32x3" on GPUs (split-tf32 on the
+    tensor cores, fp32-level accuracy: ~1e-6 relative against float64 in ``train.bench_kernels``' check), exact
+    "ieee" under the interpreter. With "ieee" on a GPU (FMA loops, no tensor cores) the first fp32 call of the
+    kernels took 71 s, nearly all of it compilation (H200, Triton 3.6). ``MOBA_DOT_PREC`` overrides."""
+    if dtype != torch.float32:
+        return "tf32"
+    return os.environ.get("MOBA_DOT_PREC", "ieee" if INTERPRET else "tf32x3")
 
 
 def head_chunks(n_route_heads: int, per_head_bytes: int, budget_bytes: int):

@@ -12,19 +12,20 @@ Algorithm (MoBA, arXiv 2502.13189, Sec. 2.2):
        chunks of ``BLOCK_N``, score with ``tl.dot`` in fp32, and keep the best ``KSEL = top_k - 1``
        (value, block) pairs per row in registers. All rows of a tile share their candidates. The
        (tokens x blocks) score matrix is never written. Rows of dense blocks keep ``-1`` (no selection).
-    4. ``build_block_lists``: the key-block-major (CSR) layout. Each selection (head, query, slot) gets
-       the key ``head * NB + block``; a stable device sort orders them by list and, inside a list, by
-       query. ``list_ptr`` gives each list's range, and a tile map (``tile_list``, ``tile_first``) lets
-       later kernels launch over an upper bound of query tiles whose surplus programs exit at once.
+    4. ``build_block_lists``: the key-block-major (CSR) layout. Each selection (head, query, slot) belongs
+       to list ``head * NB + block``: counts, a prefix sum and an atomic scatter group them by list (a
+       stable sort instead in deterministic mode). ``list_ptr`` gives each list's range, and a tile map
+       (``tile_list``, ``tile_first``) lets later kernels launch over an upper bound of query tiles whose
+       surplus programs exit at once.
 
 Layouts: q (T, HQ, D), k (T, HKV, D) with any strides; block means fp32 (HKV, NB, D) contiguous;
 selection int32 (HR, T, KSEL) with -1 for an empty slot; HR = HQ (per-head routing) or HKV (group
 routing: the score is the mean over the G = HQ / HKV query heads of a group, computed as the dot of the
 group's mean query with the block mean, which equals the mean of the scores up to rounding).
 
-Dtypes: q, k fp32 / fp16 / bf16; routing math in fp32 ("tf32x3" on GPUs: split-tf32 with fp32-level
-accuracy at tensor-core speed; exact "ieee" under the interpreter). Head dims up to 128 (padded to a power
-of two). Offsets in int64. Limits: ``T * HR * KSEL < 2**31`` (entry ids are int32).
+Dtypes: q, k fp32 / fp16 / bf16; routing scores accumulated in fp32 from split bf16 / tf32 tensor-core
+products on GPUs (``default_route_precision``), exact "ieee" under the interpreter. Head dims up to 128
+(padded to a power of two). Offsets in int64. Limits: ``T * HR * KSEL < 2**31`` (entry ids are int32).
 """
 
 from __future__ import annotations
@@ -103,13 +104,27 @@ def _route_topk_kernel(
     else:
         ptrs = q_ptr + t[:, None] * stride_qt + hr * stride_qh + offs_d[None, :]
         qr = tl.load(ptrs, mask=qmask, other=0.0).to(tl.float32)
+    if ROUTE_PREC == "bf16x2" or ROUTE_PREC == "bf16x3":
+        # qr = q_hi + q_lo exactly enough (16 mantissa bits); q_lo is zero for bf16 inputs ("bf16x2")
+        q_hi = qr.to(tl.bfloat16)
+        q_lo = (qr - q_hi.to(tl.float32)).to(tl.bfloat16)
     for n0 in range(lo, blk, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         mptrs = means_ptr + (hkv * NB + cols.to(tl.int64))[:, None] * D + offs_d[None, :]
         # [BLOCK_N, BLOCK_D]
         mk = tl.load(mptrs, mask=(cols[:, None] < blk) & (offs_d[None, :] < D), other=0.0)
         # [BLOCK_M, BLOCK_N]
-        s = tl.dot(qr, tl.trans(mk), input_precision=ROUTE_PREC)
+        if ROUTE_PREC == "bf16x2" or ROUTE_PREC == "bf16x3":
+            # split the fp32 means into bf16 high and low parts: 2 (3) bf16 tensor-core products with fp32
+            # accumulation, about 1.5e-5 relative error, at the cost of one tf32 product
+            m_hi = mk.to(tl.bfloat16)
+            m_lo = (mk - m_hi.to(tl.float32)).to(tl.bfloat16)
+            s = tl.dot(q_hi, tl.trans(m_lo))
+            if ROUTE_PREC == "bf16x3":
+                s = tl.dot(q_lo, tl.trans(m_hi), s)
+            s = tl.dot(q_hi, tl.trans(m_hi), s)
+        else:
+            s = tl.dot(qr, tl.trans(mk), input_precision=ROUTE_PREC)
         s = tl.where((cols[None, :] < blk) & mrow[:, None], s, float("-inf"))
         cmax = tl.max(s, axis=1)
         cur_min = tl.min(best_v, axis=1)
@@ -194,50 +209,154 @@ def route_topk(q, means, layout, top_k: int, block_size: int, group_routing: boo
     if ksel == 0 or T == 0 or layout["NS"] == 0:
         return sel
     if route_prec is None:
-        # "tf32x3" (split-tf32, three tensor-core passes: fp32-level accuracy) on GPUs, exact "ieee" under
-        # the interpreter; MOBA_ROUTE_PREC=ieee|tf32x3|tf32 overrides
-        route_prec = os.environ.get("MOBA_ROUTE_PREC", "ieee" if INTERPRET else "tf32x3")
-    bm = 16 if INTERPRET else 64
-    bn = 16 if INTERPRET else 32
+        route_prec = os.environ.get("MOBA_ROUTE_PREC") or default_route_precision(q.dtype, group_routing)
+    cfg = route_config()
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (layout["NS"] * triton.cdiv(block_size, bm), hr)
     _route_topk_kernel[grid](
         q, means, layout["block_start"], layout["block_len"], layout["block_first"], layout["sparse_blocks"], sel,
         stride_qt=q.stride(0), stride_qh=q.stride(1), T=T, NB=layout["NB"],
         G=HQ // HKV, GROUP=group_routing, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         KSEL=ksel, KPAD=max(2, triton.next_power_of_2(ksel)), ROUTE_PREC=route_prec, BLOCK_SIZE=block_size,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return sel
 
 
-def build_block_lists(sel: torch.Tensor, nb: int, tile_m: int) -> dict:
+def default_route_precision(dtype: torch.dtype, group_routing: bool) -> str:
+    """How the routing scores (fp32 by definition) are computed on the tensor cores.
+
+    Under the interpreter exact "ieee". On GPUs: bf16 queries against means split into bf16 high and low
+    parts, "bf16x2" (2 bf16 products; the queries are exact in bf16) or, for the fp32 group-mean query of
+    group routing and for fp16 inputs, "bf16x3" (query split too): ~1.5e-5 relative error in the scores, at
+    the speed of one tf32 product (H200: the routing kernel took 6.1 ms with "tf32x3" and 3.7 ms with "tf32" at
+    2x65536:128:8). fp32 inputs keep "tf32x3" (three tf32 products, fp32-level accuracy).
+    ``MOBA_ROUTE_PREC=ieee|tf32x3|tf32|bf16x2|bf16x3`` overrides.
+    """
+    if INTERPRET:
+        return "ieee"
+    if dtype == torch.bfloat16 and not group_routing:
+        return "bf16x2"
+    return "tf32x3" if dtype == torch.float32 else "bf16x3"
+
+
+def route_config() -> dict:
+    """Launch configuration of ``_route_topk_kernel``: BLOCK_M queries per program, BLOCK_N candidate blocks per
+    score tile (measured on an H200, ``launch/tune_kernels.py --kernels route``); ``MOBA_CFG_ROUTE=BM,BN,WARPS,
+    STAGES`` overrides."""
+    env = os.environ.get("MOBA_CFG_ROUTE")
+    if env:
+        bm, bn, w, st = (int(x) for x in env.split(","))
+    else:
+        bm, bn, w, st = (16, 16, 4, 1) if INTERPRET else (64, 32, 4, 2)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+
+
+SCATTER_MAX_ENTRIES = 1 << 22
+
+
+@triton.jit
+def _list_pass_kernel(sel_ptr, counts_ptr, list_ptr, entries_ptr, E, TK, NB,
+                      SCATTER: tl.constexpr, BLOCK: tl.constexpr):
+    """Over selection ids ``(hr * T + t) * KSEL + slot``: count each list's entries (``SCATTER`` off), or write
+    each id at ``list_ptr[list] + (atomic ticket of its list)`` (``SCATTER`` on; counts reset to zero first)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < E
+    s = tl.load(sel_ptr + offs, mask=m, other=-1)
+    ok = s >= 0
+    key = (offs // TK) * NB + s
+    ticket = tl.atomic_add(counts_ptr + key, 1, mask=ok, sem="relaxed")
+    if SCATTER:
+        pos = tl.load(list_ptr + key, mask=ok, other=0) + ticket
+        tl.store(entries_ptr + pos, offs.to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _list_scan_kernel(counts_ptr, list_ptr, tile_first_ptr, NL, TILE_M, BLOCK: tl.constexpr):
+    """One program: exclusive prefix sums of the list sizes (``list_ptr``) and of their query tiles
+    (``tile_first``), both (NL + 1,) int64."""
+    run_e = tl.sum(tl.zeros([BLOCK], tl.int64), 0)
+    run_t = run_e
+    tl.store(list_ptr, run_e)
+    tl.store(tile_first_ptr, run_t)
+    for c0 in range(0, NL, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        m = offs < NL
+        c = tl.load(counts_ptr + offs, mask=m, other=0).to(tl.int64)
+        nt = (c + TILE_M - 1) // TILE_M
+        tl.store(list_ptr + offs + 1, tl.cumsum(c, 0) + run_e, mask=m)
+        tl.store(tile_first_ptr + offs + 1, tl.cumsum(nt, 0) + run_t, mask=m)
+        run_e += tl.sum(c, 0)
+        run_t += tl.sum(nt, 0)
+
+
+@triton.jit
+def _tile_list_kernel(tile_first_ptr, tile_list_ptr, BLOCK: tl.constexpr):
+    """Program l writes its list id into ``tile_list[tile_first[l]:tile_first[l + 1]]``."""
+    lst = tl.program_id(0).to(tl.int64)
+    a = tl.load(tile_first_ptr + lst)
+    b = tl.load(tile_first_ptr + lst + 1)
+    for j in range(a, b, BLOCK):
+        offs = j + tl.arange(0, BLOCK)
+        tl.store(tile_list_ptr + offs, lst.to(tl.int32) + tl.zeros([BLOCK], tl.int32), mask=offs < b)
+
+
+def build_block_lists(sel: torch.Tensor, nb: int, tile_m: int, deterministic: bool | None = None) -> dict:
     """Key-block-major lists from the selection, on the device without a host sync.
+
+    Up to ``SCATTER_MAX_ENTRIES`` selections, without a sort: a counting pass (one atomic increment per
+    selection), a one-program prefix sum over the lists, and a scatter pass in which each selection takes an
+    atomic ticket in its list: 4 launches plus 2 fills, where the sort path takes ~16 (at 8192:512:3, 0.14
+    against 0.53 ms, launch-bound). The order inside a list then follows the atomics, which changes the
+    summation order of dK / dV (rounding only). Above it, and under ``torch.use_deterministic_algorithms(True)``
+    (or ``deterministic=True``), a stable device sort orders the entries by (list, token): the atomics of
+    the scatter serialise per list, and at 14.7M selections it took 4.0 ms against the sort's 0.9 (H200).
+    With the sort and ``kernels.attention_bwd.fused_dq`` off (as in deterministic mode) every kernel output
+    is bitwise reproducible.
 
     Args:
         sel: int32 (HR, T, KSEL) from ``route_topk``; nb: number of blocks; tile_m: query tile of the
-            list kernels.
+            list kernels; deterministic: None follows ``torch.are_deterministic_algorithms_enabled()``.
     Returns:
-        dict with ``entries`` int32 (E,) selection ids ``(hr * T + t) * KSEL + slot`` sorted by
-        (hr, block, t); ``list_ptr`` int64 (HR * NB + 1,) offsets of list ``hr * NB + block``;
-        ``tile_list`` int32 (MAX_TILES,) list of each query tile (>= HR * NB: an empty program);
-        ``tile_first`` int64 (HR * NB + 1,) first tile of each list (last: total tiles);
-        ``max_tiles`` (host int, upper bound of the tiles of all lists).
+        dict with ``entries`` int32 (E,) selection ids ``(hr * T + t) * KSEL + slot`` grouped by list
+        ``hr * NB + block`` (valid up to ``list_ptr[-1]``); ``list_ptr`` int64 (HR * NB + 1,) offsets of the
+        lists; ``tile_list`` int32 (MAX_TILES,) list of each query tile (read only below ``tile_first[-1]``);
+        ``tile_first`` int64 (HR * NB + 1,) first tile of each list (last: total tiles); ``max_tiles`` (host
+        int, upper bound of the tiles of all lists); ``tile_m``.
     """
     hr, T, ksel = sel.shape
     dev = sel.device
     nl = hr * nb
-    heads = (torch.arange(hr, device=dev, dtype=torch.int32) * nb)[:, None, None]
-    keys = torch.where(sel >= 0, sel + heads, nl).reshape(-1)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    del keys
-    entries = order.to(torch.int32)
-    del order
-    list_ptr = torch.searchsorted(sorted_keys, torch.arange(nl + 1, device=dev, dtype=torch.int32))
-    del sorted_keys
-    ntiles = (list_ptr[1:] - list_ptr[:-1] + tile_m - 1) // tile_m
-    tile_first = torch.zeros(nl + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(ntiles, 0, out=tile_first[1:])
     max_tiles = triton.cdiv(sel.numel(), tile_m) + nl
-    tile_list = torch.searchsorted(tile_first[1:], torch.arange(max_tiles, device=dev), right=True).to(torch.int32)
-    return dict(entries=entries, list_ptr=list_ptr, tile_list=tile_list, tile_first=tile_first,
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic or sel.numel() > SCATTER_MAX_ENTRIES:
+        heads = (torch.arange(hr, device=dev, dtype=torch.int32) * nb)[:, None, None]
+        keys = torch.where(sel >= 0, sel + heads, nl).reshape(-1)
+        sorted_keys, order = torch.sort(keys, stable=True)
+        del keys
+        entries = order.to(torch.int32)
+        del order
+        list_ptr = torch.searchsorted(sorted_keys, torch.arange(nl + 1, device=dev, dtype=torch.int32))
+        del sorted_keys
+        ntiles = (list_ptr[1:] - list_ptr[:-1] + tile_m - 1) // tile_m
+        tile_first = torch.zeros(nl + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(ntiles, 0, out=tile_first[1:])
+        tile_list = torch.searchsorted(tile_first[1:], torch.arange(max_tiles, device=dev), right=True).to(torch.int32)
+        return dict(entries=entries, list_ptr=list_ptr, tile_list=tile_list, tile_first=tile_first,
+                    max_tiles=max_tiles, tile_m=tile_m)
+    E = sel.numel()
+    counts = torch.zeros(2, nl, dtype=torch.int32, device=dev)  # [0]: sizes, [1]: scatter tickets
+    ptrs = torch.empty(2, nl + 1, dtype=torch.int64, device=dev)  # [0]: list_ptr, [1]: tile_first
+    entries = torch.empty(E, dtype=torch.int32, device=dev)
+    tile_list = torch.empty(max_tiles, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(E, 1024),)
+    if E:
+        _list_pass_kernel[grid](sel, counts[0], ptrs[0], entries, E, T * ksel, nb, SCATTER=False, BLOCK=1024)
+    _list_scan_kernel[(1,)](counts[0], ptrs[0], ptrs[1], nl, tile_m, BLOCK=1024)
+    if E:
+        _list_pass_kernel[grid](sel, counts[1], ptrs[0], entries, E, T * ksel, nb, SCATTER=True, BLOCK=1024)
+    if nl:
+        _tile_list_kernel[(nl,)](ptrs[1], tile_list, BLOCK=256)
+    return dict(entries=entries, list_ptr=ptrs[0], tile_list=tile_list, tile_first=ptrs[1],
                 max_tiles=max_tiles, tile_m=tile_m)

@@ -16,19 +16,26 @@ import torch
 
 import kernels.attention_bwd as bwd
 import kernels.attention_fwd as fwd
+import kernels.routing as routing
 from moba_core import triton_backend as tb
 from train.bench_kernels import parse_point, timed
 
 SWEEP = {
     "list_fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
     "combine_fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-    "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2),
-             (64, 128, 8, 1), (16, 128, 4, 2), (128, 128, 8, 1)],
+    "dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "dkdv_fused": [(32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 2),
+                   (64, 128, 8, 3), (32, 128, 4, 2)],
     "list_dq": [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
     "diag_dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2)],
+    "route": [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
+              (32, 64, 4, 2)],
 }
+# the kernel each entry times; the fused / split dQ choice it needs (MOBA_FUSED_DQ)
 KERNEL_FN = {"list_fwd": (fwd, "_list_fwd_kernel"), "combine_fwd": (fwd, "_combine_fwd_kernel"),
-             "dkdv": (bwd, "_dkdv_kernel"), "list_dq": (bwd, "_list_dq_kernel"), "diag_dq": (bwd, "_diag_dq_kernel")}
+             "dkdv": (bwd, "_dkdv_kernel"), "dkdv_fused": (bwd, "_dkdv_kernel"), "list_dq": (bwd, "_list_dq_kernel"),
+             "diag_dq": (bwd, "_diag_dq_kernel"), "route": (routing, "_route_topk_kernel")}
+FUSED = {"dkdv": "0", "dkdv_fused": "1", "list_dq": "0", "diag_dq": "0"}
 
 
 class _NoOp:
@@ -39,8 +46,8 @@ class _NoOp:
 def only(name):
     """Context: every kernel of ``KERNEL_FN`` except ``name`` becomes a no-op."""
     saved = {}
-    for other, (mod, attr) in KERNEL_FN.items():
-        if other != name:
+    for mod, attr in set(KERNEL_FN.values()):
+        if (mod, attr) != KERNEL_FN[name]:
             saved[(mod, attr)] = getattr(mod, attr)
             setattr(mod, attr, _NoOp())
     return saved
@@ -70,13 +77,17 @@ def main():
         for name in args.kernels.split(","):
             for cfg in SWEEP[name]:
                 os.environ[f"MOBA_CFG_{name.upper()}"] = ",".join(map(str, cfg))
+                os.environ["MOBA_FUSED_DQ"] = FUSED.get(name, "1")
                 try:
                     with torch.no_grad():
                         o, state = tb._moba_forward(q, k, v, lens, bs, top_k, scale, False, build_graph=False)
                     layout, sel, lists, lse, dense, dense_blocks, budget = state
                     saved = only(name)
                     try:
-                        if name in ("list_fwd", "combine_fwd"):
+                        if name == "route":
+                            means = routing.block_means(k, layout)
+                            fn = lambda: routing.route_topk(q, means, layout, top_k, bs, False)  # noqa: E731
+                        elif name in ("list_fwd", "combine_fwd"):
                             fn = lambda: fwd.moba_fwd(q, k, v, layout, sel, lists, top_k, bs, scale, False, o, budget)  # noqa: E731
                         else:
                             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -90,10 +101,20 @@ def main():
                 rows.append(dict(point=p, kernel=name, cfg=cfg, ms=ms))
                 print(f"{p:16s} {name:12s} {str(cfg):18s} {ms if isinstance(ms, str) else f'{ms:8.2f}'}", flush=True)
             os.environ.pop(f"MOBA_CFG_{name.upper()}", None)
+            os.environ.pop("MOBA_FUSED_DQ", None)
         with torch.no_grad():
-            t_route = timed(lambda: tb.moba_routing(q, k, lens, bs, top_k, False, top_k), args.reps)
-        print(f"{p:16s} routing {t_route:.2f} ms", flush=True)
-        rows.append(dict(point=p, kernel="routing", cfg=None, ms=t_route))
+            layout = tb.cached_layout(tuple(lens), bs, top_k, q.device)
+            means = routing.block_means(k, layout)
+            sel = routing.route_topk(q, means, layout, top_k, bs, False)
+            tile_m = fwd.kernel_config("list_fwd", bs, D, q.dtype)["BLOCK_M"]
+            parts = {"routing": lambda: tb.moba_routing(q, k, lens, bs, top_k, False, top_k),
+                     "routing.means": lambda: routing.block_means(k, layout),
+                     "routing.topk": lambda: routing.route_topk(q, means, layout, top_k, bs, False),
+                     "routing.lists": lambda: routing.build_block_lists(sel, layout["NB"], tile_m)}
+            for name, fn in parts.items():
+                ms = timed(fn, args.reps)
+                print(f"{p:16s} {name} {ms:.2f} ms", flush=True)
+                rows.append(dict(point=p, kernel=name, cfg=None, ms=ms))
     json.dump(rows, open(args.out, "w"), indent=1)
     best = {}
     for r in rows:

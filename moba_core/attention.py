@@ -18,7 +18,7 @@ import os
 import torch
 
 from .decode import moba_attention_kv
-from .layout import check_moba_args
+from .layout import check_moba_args, host_cu_seqlens
 from .reference import moba_attention_reference
 
 BACKENDS = ("auto", "triton", "flash", "reference")
@@ -98,8 +98,8 @@ def moba_attention(
         ValueError: naming the argument and the bad value (see ``check_moba_args`` and
             ``resolve_backend``).
     """
-    same_tokens = cu_seqlens_k is None or (cu_seqlens_k.shape == cu_seqlens.shape
-                                           and torch.equal(cu_seqlens_k, cu_seqlens))
+    same_tokens = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens or (
+        cu_seqlens_k.shape == cu_seqlens.shape and host_cu_seqlens(cu_seqlens_k) == host_cu_seqlens(cu_seqlens))
     if not same_tokens:
         check_moba_args(q, q, q, cu_seqlens, max_seqlen, block_size, top_k)  # block_size, top_k, cu_seqlens
         resolve_backend(backend, q.device)

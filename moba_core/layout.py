@@ -10,9 +10,38 @@ Sec. 2.2; the reference code's ``calc_chunks``).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+_HOST_CU: dict[int, tuple] = {}  # id(cu_seqlens) -> (weakref, version counter, host list)
+
+
+def host_cu_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as a host list, copied from the device once per tensor.
+
+    Every layer of a training step passes the same ``cu_seqlens`` tensor; reading it with ``.tolist()`` in
+    each call would make the host wait for the GPU once per layer (no kernel queued ahead). The copy is
+    kept while the tensor lives and read again after an in-place change (the tensor's version counter
+    moves). Inference-mode tensors have no version counter: they are read every call.
+    """
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # inference tensor
+        return cu_seqlens.tolist()
+    key = id(cu_seqlens)
+    hit = _HOST_CU.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == version:
+        return hit[2]
+    if len(_HOST_CU) >= 256:
+        for k in [k for k, (ref, _, _) in _HOST_CU.items() if ref() is None]:
+            del _HOST_CU[k]
+        if len(_HOST_CU) >= 256:
+            _HOST_CU.clear()
+    cu = cu_seqlens.tolist()
+    _HOST_CU[key] = (weakref.ref(cu_seqlens), version, cu)
+    return cu
 
 
 def check_moba_args(q, k, v, cu_seqlens, max_seqlen, block_size, top_k) -> None:
@@ -53,7 +82,7 @@ def check_moba_args(q, k, v, cu_seqlens, max_seqlen, block_size, top_k) -> None:
         raise ValueError(f"cu_seqlens must hold at least 2 entries (0 and total_tokens); got {cu_seqlens.numel()}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    cu = cu_seqlens.tolist()
+    cu = host_cu_seqlens(cu_seqlens)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens[0] must be 0; got {cu[0]}")
     if any(b < a for a, b in zip(cu[:-1], cu[1:])):

@@ -9,7 +9,7 @@ Split of the work (exact, MoBA paper arXiv 2502.13189 Sec. 2.2):
       kernels the machine has. A document no longer than ``top_k * block_size`` is entirely dense.
     * Every other query (a "sparse block") goes through the kernels of ``kernels``: routing (block
       mean-pool, fp32 scores, top-(k-1), key-block-major lists), a one-pass forward with per-(query,
-      slot) partials merged with the current-block part by LSE, and a backward without atomics.
+      slot) partials merged with the current-block part by LSE, and a FlashAttention-2 style backward.
     The two query sets are disjoint, so each query's output comes from one part; the key gradients add.
 The gate gets no gradient. Head dims above 128 fall back to the ``flash`` backend.
 ``MOBA_DENSE_PATH=0`` routes every block through the Triton kernels (for tests of the kernels alone).
@@ -30,6 +30,7 @@ from kernels.attention_fwd import kernel_config, moba_fwd
 from kernels.routing import block_layout, block_means, build_block_lists, route_topk
 
 from .flash import varlen_causal_attention
+from .layout import host_cu_seqlens
 
 MAX_HEAD_DIM = 128
 
@@ -164,7 +165,9 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
         q: (T, HQ, D); k, v: (T, HKV, D); fp16 / bf16 / fp32; any strides. cu_seqlens int32 (docs + 1,).
     Returns:
         o: (T, HQ, D) in q's dtype, differentiable in q, k, v.
-    Head dims above 128 run the ``flash`` backend instead (same semantics). Reads ``cu_seqlens`` on the host.
+    Head dims above 128 run the ``flash`` backend instead (same semantics). Reads ``cu_seqlens`` on the host
+    once per tensor (``moba_core.layout.host_cu_seqlens``): later calls with it queue their kernels without
+    waiting for the GPU.
     """
     D = q.shape[-1]
     if D > MAX_HEAD_DIM:
@@ -175,7 +178,7 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
-    cu = cu_seqlens.tolist()
+    cu = host_cu_seqlens(cu_seqlens)
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     if dense_path_enabled():
         layout = cached_layout(tuple(lens), block_size, top_k, q.device)

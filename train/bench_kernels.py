@@ -191,6 +191,7 @@ CHECK_CASES = [  # (docs, HQ, HKV, D, block, top_k, group routing)
     ([3000], 6, 6, 96, 256, 3, False),
     ([700, 2100], 4, 4, 128, 128, 1, False),
     ([2048, 2048], 12, 4, 128, 256, 8, False),
+    ([5000, 3000], 8, 4, 128, 1024, 3, False),  # blocks above 512 keys: dQ in its own pass
 ]
 
 

@@ -199,3 +199,38 @@ def test_bad_arguments_name_the_value(override, message):
     backend = args.pop("backend", "flash")
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         moba_attention(backend=backend, **args)
+
+
+def test_cu_seqlens_read_once_per_tensor(monkeypatch):
+    """The host copy of cu_seqlens is taken once per tensor (no wait for the GPU in later layers), taken again
+    after an in-place change, and never shared between two tensors; results follow the current values."""
+    from moba_core.layout import host_cu_seqlens
+
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        reads.append(self.numel())
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    cu = torch.tensor([0, 40, 100], dtype=torch.int32)
+    assert host_cu_seqlens(cu) == [0, 40, 100] and len(reads) == 1
+    assert host_cu_seqlens(cu) == [0, 40, 100] and len(reads) == 1
+    cu[1] = 60  # in place: the version counter moves
+    assert host_cu_seqlens(cu) == [0, 60, 100] and len(reads) == 2
+    other = torch.tensor([0, 10, 100], dtype=torch.int32)
+    assert host_cu_seqlens(other) == [0, 10, 100] and len(reads) == 3
+    with torch.inference_mode():
+        inf = torch.tensor([0, 100], dtype=torch.int32)
+        assert host_cu_seqlens(inf) == [0, 100] and host_cu_seqlens(inf) == [0, 100]
+    monkeypatch.undo()
+    # the attention itself follows the in-place change: documents [0, 60) and [60, 100)
+    q, k, v, _, _ = make_inputs([60, 40], 2, 2, 16, requires_grad=False)
+    first = moba_attention(q, k, v, cu, 60, 16, 2, backend="flash")
+    want = moba_attention_reference(q, k, v, torch.tensor([0, 60, 100], dtype=torch.int32), 60, 16, 2)
+    torch.testing.assert_close(first, want)
+    cu[1] = 40
+    second = moba_attention(q, k, v, cu, 60, 16, 2, backend="flash")
+    torch.testing.assert_close(second, moba_attention_reference(q, k, v, cu.clone(), 60, 16, 2))
+    assert not torch.allclose(first, second)
