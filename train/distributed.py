@@ -66,11 +66,17 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def device_type(requested: str) -> str:
+    """``device=auto|cpu|cuda`` -> ``"cpu"`` or ``"cuda"``, without touching any device (``auto``: cuda when one
+    is visible)."""
+    return "cpu" if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()) else "cuda"
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     """``device=auto|cpu|cuda`` -> a torch device. Raises ValueError for cuda without a GPU."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+    if device_type(requested) == "cpu":
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)

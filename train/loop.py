@@ -20,7 +20,7 @@ from moba_core.hf import apply_moba, set_moba_layers
 from . import checkpoint as ckpt
 from . import data_identity
 from .config import RunConfig
-from .distributed import DistInfo, init_distributed, world_from_env
+from .distributed import DistInfo, device_type, init_distributed, world_from_env
 from .eval import tasks_during_training
 from .export import moba_record, set_plain_file_modes
 from .guard import NonFiniteError, NonFiniteGuard
@@ -176,9 +176,9 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     tokenizer_spec = data_identity.tokenizer_spec(cfg.data.tokenizer, cfg.model.name_or_path, saved_data)
     check_tokenizer_fits(cfg.model, tokenizer_spec, "data.tokenizer" if cfg.data.tokenizer else
                          "model.name_or_path" if cfg.model.name_or_path else "the run's stored tokenizer")
+    # before any data or distributed work: a bad value, or an architecture Liger-Kernel does not patch, fails now
+    fused_ops = fused_ops_enabled(cfg.model.fused_ops, torch.device(device_type(cfg.device)), model_type_of(cfg.model))
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
-    # before any data work: a bad value, or an architecture Liger-Kernel does not patch, fails now
-    fused_ops = fused_ops_enabled(cfg.model.fused_ops, info.device, model_type_of(cfg.model))
     check_same_run_dir(run_dir)  # every rank writes into rank 0's run directory
     mpu = sp_group = None
     if info.sp_size > 1:

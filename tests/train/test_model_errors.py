@@ -3,9 +3,11 @@ the setting and the path; command-line overrides of a checkpoint's fields are lo
 
 import json
 import logging
+import os
 import shutil
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from train import loop
@@ -81,9 +83,13 @@ def test_errors_come_before_any_data_work(tmp_path, init_checkpoint, monkeypatch
         overrides.append("model.fused_ops=true")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = to_run_config(compose("config", overrides=overrides), overrides)
+    port_before = os.environ.get("MASTER_PORT")
     with pytest.raises(ValueError, match=message.format(p=p)):
         loop.run(cfg, tmp_path / "run", {})
     assert not cache.exists() and not (tmp_path / "run").exists()
+    # nor any distributed set-up: a process group (and the MASTER_PORT it exports) left behind in this
+    # process would make every later launch from it fail with "address already in use"
+    assert not torch.distributed.is_initialized() and os.environ.get("MASTER_PORT") == port_before
 
 
 def test_overrides_of_checkpoint_fields_are_logged_as_changes(init_checkpoint, caplog):
