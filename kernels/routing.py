@@ -306,7 +306,7 @@ def build_block_lists(sel: torch.Tensor, nb: int, tile_m: int, deterministic: bo
 
     Up to ``SCATTER_MAX_ENTRIES`` selections, without a sort: a counting pass (one atomic increment per
     selection), a one-program prefix sum over the lists, and a scatter pass in which each selection takes an
-    atomic ticket in its list: 4 launches plus 2 fills, where the sort path takes ~16 (at 8192:512:3, 0.14
+    atomic ticket in its list: 4 launches and one fill, where the sort path takes ~16 (at 8192:512:3, 0.14
     against 0.53 ms, launch-bound). The order inside a list then follows the atomics, which changes the
     summation order of dK / dV (rounding only). Above it, and under ``torch.use_deterministic_algorithms(True)``
     (or ``deterministic=True``), a stable device sort orders the entries by (list, token): the atomics of

@@ -24,7 +24,8 @@ def host_cu_seqlens(cu_seqlens: torch.Tensor) -> list[int]:
     Every layer of a training step passes the same ``cu_seqlens`` tensor; reading it with ``.tolist()`` in
     each call would make the host wait for the GPU once per layer (no kernel queued ahead). The copy is
     kept while the tensor lives and read again after an in-place change (the tensor's version counter
-    moves). Inference-mode tensors have no version counter: they are read every call.
+    moves). Inference-mode tensors have no version counter: they are read every call. The returned list is
+    the cached one: read it, do not modify it.
     """
     try:
         version = cu_seqlens._version
