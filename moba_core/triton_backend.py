@@ -177,7 +177,7 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
                                     softmax_scale=softmax_scale, group_routing=group_routing)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if q.shape[0] == 0:
-        return q.new_zeros(q.shape) + 0 * (k.sum() + v.sum())
+        return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # empty, differentiable in q, k, v
     cu = host_cu_seqlens(cu_seqlens)
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     if dense_path_enabled():

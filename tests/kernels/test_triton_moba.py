@@ -123,6 +123,14 @@ def test_forward_backward_vs_reference(lens, hq, hkv, d, bs, top_k, group, dtype
     check_case(lens, hq, hkv, d, bs, top_k, group, dtype)
 
 
+def test_no_tokens_gives_empty_output_and_zero_gradients():
+    """A batch of no tokens (cu_seqlens [0, 0]): an empty output whose gradients in q, k, v are empty too."""
+    q, k, v = (torch.randn(0, h, 16, requires_grad=True) for h in (2, 1, 1))
+    o = moba_attention(q, k, v, torch.tensor([0, 0], dtype=torch.int32), 1, 16, 2, backend="triton")
+    grads = torch.autograd.grad(o.sum(), (q, k, v))
+    assert o.shape == (0, 2, 16) and [tuple(g.shape) for g in grads] == [(0, 2, 16), (0, 1, 16), (0, 1, 16)]
+
+
 def test_non_contiguous_inputs():
     check_case([100], 3, 1, 64, 16, 3, False, torch.float32, noncontig=True)
 
