@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from train import loop
 from train.__main__ import to_run_config
+from train.distributed import _free_port
 from train.guard import NonFiniteError
 from train.model import PackedCausalLM
 
@@ -32,9 +33,10 @@ class NaNGrad(torch.autograd.Function):
 
 
 def in_process_env(monkeypatch, cache):
-    """The environment a single-process launch would have (restored after the test)."""
+    """The environment a single-process launch would have (restored after the test), on a free port (a fixed
+    one, 29731, was once taken when the test ran: EADDRINUSE failed a CI run)."""
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": "29731", "DS_ACCELERATOR": "cpu", "MOBA_CACHE": str(cache),
+                 "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "MOBA_CACHE": str(cache),
                  "WANDB_SILENT": "true"}.items():
         monkeypatch.setenv(k, v)
 
