@@ -311,16 +311,17 @@ def fused_dq(block_size: int) -> bool:
     """Whether dQ is accumulated inside the dK/dV kernel (fp32 atomics, 5 products per pair) rather than in
     its own pass (list dQ + diagonal dQ kernels, 3 more products, no atomics).
 
-    Measured on an H200 (``kernels/NOTES.md``, v2c): one atomic add per (query, key tile) costs less than the
-    second pass while a block has few key tiles (block 128: 16.9 vs 22.9 ms at 2x65536:128:8; equal at
-    512) and more beyond (block 4096: 290 vs 257 ms at 131072:4096:12). Off under
+    Measured on an H200 (``kernels/NOTES.md``, v2c and v2d): one atomic add per (query, key tile) costs less
+    than the second pass while a block has few key tiles (block 128: 16.9 vs 22.9 ms at 2x65536:128:8) and
+    more beyond: block 512 at head dim 64 (96.6 vs 85.9 ms at 131072:512:8 with 32 query / 8 KV heads; equal
+    at head dim 128), block 4096 (290 vs 257 ms at 131072:4096:12). So blocks up to 256 keys. Off under
     ``torch.use_deterministic_algorithms(True)`` (the separate pass is bitwise reproducible).
     ``MOBA_FUSED_DQ=0|1`` overrides both.
     """
     env = os.environ.get("MOBA_FUSED_DQ")
     if env is not None:
         return env != "0"
-    return block_size <= 512 and not torch.are_deterministic_algorithms_enabled()
+    return block_size <= 256 and not torch.are_deterministic_algorithms_enabled()
 
 
 def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: int, block_size: int,

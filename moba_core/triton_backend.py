@@ -57,8 +57,10 @@ def cached_layout(lens: tuple, block_size: int, dense_blocks: int, device: torch
 
 def partial_budget(q: torch.Tensor) -> int:
     """Bytes allowed for the kernels' temporary per-entry buffers (partials, gathered rows): the size of q,
-    at least 64 MiB. Heads are processed in chunks that fit (peak memory stays near full attention's)."""
-    return max(q.numel() * q.element_size(), 64 << 20)
+    at least 128 MiB (``MOBA_PARTIAL_BUDGET_MIB`` sets that floor, for sweeps). Heads are processed in chunks
+    that fit (peak memory stays near full attention's); each chunk costs a few kernel launches."""
+    floor_mib = int(os.environ.get("MOBA_PARTIAL_BUDGET_MIB", "128"))
+    return max(q.numel() * q.element_size(), floor_mib << 20)
 
 
 def moba_routing(q, k, lens, block_size: int, top_k: int, group_routing: bool, dense_blocks: int):
@@ -117,43 +119,51 @@ class _DenseRows:
         self.write(dv, gv, add=True)
 
 
-def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing, build_graph):
-    """Both parts of the forward; returns (o, state for the backward)."""
+LIST_TENSORS = ("entries", "list_ptr", "tile_list", "tile_first")  # the tensors of build_block_lists' dict
+
+
+def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing):
+    """Both parts of the forward; returns (o, lse, layout, sel, lists, dense_blocks, budget)."""
     dense_blocks = top_k if dense_path_enabled() else 0
     T, HQ, D = q.shape
     o = torch.empty((T, HQ, D), device=q.device, dtype=q.dtype)
     budget = partial_budget(q)
     layout, sel, lists = moba_routing(q, k, lens, block_size, top_k, group_routing, dense_blocks)
     lse = moba_fwd(q, k, v, layout, sel, lists, top_k, block_size, scale, group_routing, o, budget)
-    dense = None
     if layout["dense_segments"]:
-        dense = _DenseRows(q, k, v, lens, layout, scale, build_graph)
-        dense.write(o, dense.out.detach())
-    return o, (layout, sel, lists, lse, dense, dense_blocks, budget)
+        dense = _DenseRows(q, k, v, lens, layout, scale, build_graph=False)
+        dense.write(o, dense.out)
+    return o, lse, layout, sel, lists, dense_blocks, budget
 
 
 class _TritonMoBA(torch.autograd.Function):
+    """Every tensor the backward needs goes through ``save_for_backward``: under non-reentrant activation
+    checkpointing (``torch.utils.checkpoint``, HF's gradient checkpointing) the saved-tensor hooks then drop
+    them after the forward and recompute them in the backward. Tensors kept as ``ctx`` attributes would stay
+    alive for every checkpointed layer until the backward reaches it (measured: +17 GiB at 128K tokens on
+    the 1B model). The dense prefixes' attention is recomputed in the backward for the same reason."""
+
     @staticmethod
     def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing):
-        o, state = _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing, build_graph=True)
-        ctx.save_for_backward(q, k, v, o)
-        ctx.state = state
-        ctx.args = (top_k, block_size, scale, group_routing)
+        o, lse, layout, sel, lists, dense_blocks, budget = _moba_forward(q, k, v, lens, block_size, top_k, scale,
+                                                                          group_routing)
+        ctx.save_for_backward(q, k, v, o, lse, sel, *(lists[n] if lists else None for n in LIST_TENSORS))
+        ctx.args = (lens, layout, lists["tile_m"] if lists else None, dense_blocks, budget, top_k, block_size,
+                    scale, group_routing)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o = ctx.saved_tensors
-        layout, sel, lists, lse, dense, dense_blocks, budget = ctx.state
-        top_k, block_size, scale, group_routing = ctx.args
+        q, k, v, o, lse, sel, *list_tensors = ctx.saved_tensors
+        lens, layout, tile_m, dense_blocks, budget, top_k, block_size, scale, group_routing = ctx.args
+        lists = dict(zip(LIST_TENSORS, list_tensors), tile_m=tile_m) if tile_m is not None else None
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
         dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
         dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
         moba_bwd(do, q, k, v, o, lse, layout, sel, lists, top_k, block_size, scale, group_routing, dense_blocks,
                  dq, dk, dv, budget)
-        if dense is not None:
-            dense.backward(do, dq, dk, dv)
-        ctx.state = None
+        if layout["dense_segments"]:
+            _DenseRows(q, k, v, lens, layout, scale, build_graph=True).backward(do, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -192,4 +202,4 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
             return o.transpose(1, 2).reshape(q.shape)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _TritonMoBA.apply(q, k, v, lens, block_size, top_k, scale, group_routing)
-    return _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing, build_graph=False)[0]
+    return _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing)[0]
