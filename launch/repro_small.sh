@@ -21,8 +21,17 @@ COMMON=(model.hidden_size=512 model.intermediate_size=1408 model.num_layers=8 mo
         "train.max_steps=$STEPS" optim.lr=1e-3 optim.warmup_steps=100 train.eval_every=250 train.eval_batches=8
         checkpoint.every=500 checkpoint.keep=1 logging.wandb.mode=disabled seed=0 moba.full_attn_layers=[]
         "${EXTRA_ARGS[@]}")
-python -m train "hydra.run.dir=$ROOT/full" schedule=full "${COMMON[@]}" 2>&1 | tail -n 3
-python -m train "hydra.run.dir=$ROOT/moba" schedule=moba moba.block_size=512 moba.top_k=3 "${COMMON[@]}" 2>&1 | tail -n 3
+# The two runs train side by side (one GPU holds both small models; the data cache is safe to build twice).
+python -m train "hydra.run.dir=$ROOT/full" schedule=full "${COMMON[@]}" > "$OUT/full_train.log" 2>&1 &
+full_pid=$!
+python -m train "hydra.run.dir=$ROOT/moba" schedule=moba moba.block_size=512 moba.top_k=3 "${COMMON[@]}" \
+  > "$OUT/moba_train.log" 2>&1 &
+moba_pid=$!
+status=0
+wait "$full_pid" || status=$?
+wait "$moba_pid" || status=$?
+tail -n 3 "$OUT/full_train.log" "$OUT/moba_train.log"
+[ "$status" -eq 0 ] || { echo "a training run failed (exit $status): logs in $OUT" >&2; exit "$status"; }
 # recall is measured for MoBA 512 / top-3 in both models; each keeps the attention it trained with
 python -m train.eval "$ROOT/full" "$ROOT/moba" "eval.lengths=$LENGTHS" eval.documents=package eval.trials=4 \
   moba.block_size=512 moba.top_k=3 2>&1 | tail -n 4
