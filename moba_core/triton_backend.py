@@ -31,6 +31,7 @@ from kernels.routing import block_layout, block_means, build_block_lists, route_
 
 from .flash import varlen_causal_attention
 from .layout import host_cu_seqlens
+from .varlen import FlashVarlen, varlen_primitives
 
 MAX_HEAD_DIM = 128
 
@@ -47,7 +48,7 @@ def cached_layout(lens: tuple, block_size: int, dense_blocks: int, device: torch
     layout = block_layout(list(lens), block_size, dense_blocks, device)
     segs = layout["dense_segments"]
     layout["uniform"] = len(set(lens)) == 1 and len(segs) == len(lens)
-    if segs and not layout["uniform"]:
+    if segs:
         layout["dense_idx"] = torch.cat([torch.arange(s, s + n) for s, n in segs]).to(device)
         layout["dense_cu"] = torch.tensor([0, *itertools.accumulate(n for _, n in segs)], dtype=torch.int32,
                                           device=device)
@@ -74,24 +75,32 @@ def moba_routing(q, k, lens, block_size: int, top_k: int, group_routing: bool, d
     return layout, sel, lists
 
 
-class _DenseRows:
-    """The dense prefixes of all documents as one causal attention, with its own small autograd graph.
+def dense_primitives(q: torch.Tensor):
+    """The varlen primitive pair whose forward output and LSE the dense prefixes save for the backward:
+    FlashAttention's where it runs (CUDA, fp16 / bf16), else None (the prefixes are recomputed in the
+    backward: the exact float32 primitives hold O(rows x keys) memory)."""
+    prims = varlen_primitives(q.device, q.dtype, q.shape[-1])
+    return prims if isinstance(prims, FlashVarlen) else None
 
-    Documents of equal length use SDPA on strided views of q, k, v; otherwise the prefix rows are gathered
-    and run through varlen FlashAttention. ``forward`` writes the output rows into ``o``; ``backward``
-    writes dq rows and adds into dk, dv.
+
+class _DenseRows:
+    """The dense prefixes of all documents as one causal attention (no autograd graph of its own).
+
+    With FlashAttention primitives (CUDA, fp16 / bf16: ``moba_core.varlen.varlen_primitives``) the prefix rows
+    are gathered and run through varlen FlashAttention; the forward returns its output rows and LSE for the
+    caller's ``save_for_backward`` and the backward calls FlashAttention's backward on them. Otherwise (CPU,
+    fp32) the forward attends without a graph (documents of equal length through SDPA on strided views, others
+    through ``varlen_causal_attention``) and the backward recomputes it with a graph. ``forward`` writes the
+    output rows into ``o``; ``backward`` writes dq rows and adds into dk, dv.
     """
 
-    def __init__(self, q, k, v, lens, layout, scale, build_graph):
+    def __init__(self, q, k, lens, layout, scale):
         self.n, self.L = len(lens), lens[0]
-        self.uniform = layout["uniform"]
         self.P = layout["dense_segments"][0][1]
-        if not self.uniform:
-            self.idx, self.cu, self.max_p = layout["dense_idx"], layout["dense_cu"], layout["dense_max"]
+        self.idx, self.cu, self.max_p = layout["dense_idx"], layout["dense_cu"], layout["dense_max"]
         self.scale, self.gqa = scale, q.shape[1] != k.shape[1]
-        with torch.set_grad_enabled(build_graph):
-            self.leaves = [self._rows(x).detach().requires_grad_(build_graph) for x in (q, k, v)]
-            self.out = self._attend(*self.leaves)
+        self.prims = dense_primitives(q)
+        self.uniform = layout["uniform"] and self.prims is None  # strided SDPA views, no gather
 
     def _rows(self, x):
         if self.uniform:  # (n, H, P, D) strided view
@@ -103,7 +112,7 @@ class _DenseRows:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
         return varlen_causal_attention(q, k, v, self.cu, self.max_p, softmax_scale=self.scale)
 
-    def write(self, dst, src, add=False):
+    def _write(self, dst, src, add=False):
         if self.uniform:
             view = dst.unflatten(0, (self.n, self.L))[:, : self.P]
             view.add_(src.transpose(1, 2)) if add else view.copy_(src.transpose(1, 2))
@@ -112,28 +121,48 @@ class _DenseRows:
         else:
             dst.index_copy_(0, self.idx, src.to(dst.dtype))
 
-    def backward(self, do, dq, dk, dv):
-        gq, gk, gv = torch.autograd.grad(self.out, self.leaves, self._rows(do))
-        self.write(dq, gq)
-        self.write(dk, gk, add=True)
-        self.write(dv, gv, add=True)
+    def forward(self, q, k, v, o) -> tuple:
+        """Writes the prefix rows of ``o``; returns the tensors the backward needs (output rows and LSE with
+        FlashAttention, else none)."""
+        rows = [self._rows(x) for x in (q, k, v)]
+        if self.prims is not None:
+            out, lse = self.prims.fwd(*rows, self.cu, self.cu, self.max_p, self.max_p, True, self.scale)
+            self._write(o, out)
+            return out, lse
+        with torch.no_grad():
+            self._write(o, self._attend(*rows))
+        return ()
+
+    def backward(self, q, k, v, do, saved, dq, dk, dv):
+        if self.prims is not None:
+            out, lse = saved
+            gq, gk, gv = self.prims.bwd(self._rows(do), *(self._rows(x) for x in (q, k, v)), out, lse, self.cu,
+                                        self.cu, self.max_p, self.max_p, True, self.scale)
+        else:
+            leaves = [self._rows(x).detach().requires_grad_() for x in (q, k, v)]
+            with torch.enable_grad():
+                out = self._attend(*leaves)
+            gq, gk, gv = torch.autograd.grad(out, leaves, self._rows(do))
+        self._write(dq, gq)
+        self._write(dk, gk, add=True)
+        self._write(dv, gv, add=True)
 
 
 LIST_TENSORS = ("entries", "list_ptr", "tile_list", "tile_first")  # the tensors of build_block_lists' dict
 
 
 def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing):
-    """Both parts of the forward; returns (o, lse, layout, sel, lists, dense_blocks, budget)."""
+    """Both parts of the forward; returns (o, lse, layout, sel, lists, dense_blocks, budget, dense_saved)."""
     dense_blocks = top_k if dense_path_enabled() else 0
     T, HQ, D = q.shape
     o = torch.empty((T, HQ, D), device=q.device, dtype=q.dtype)
     budget = partial_budget(q)
     layout, sel, lists = moba_routing(q, k, lens, block_size, top_k, group_routing, dense_blocks)
     lse = moba_fwd(q, k, v, layout, sel, lists, top_k, block_size, scale, group_routing, o, budget)
+    dense_saved = ()
     if layout["dense_segments"]:
-        dense = _DenseRows(q, k, v, lens, layout, scale, build_graph=False)
-        dense.write(o, dense.out)
-    return o, lse, layout, sel, lists, dense_blocks, budget
+        dense_saved = _DenseRows(q, k, lens, layout, scale).forward(q, k, v, o)
+    return o, lse, layout, sel, lists, dense_blocks, budget, dense_saved
 
 
 class _TritonMoBA(torch.autograd.Function):
@@ -141,20 +170,23 @@ class _TritonMoBA(torch.autograd.Function):
     checkpointing (``torch.utils.checkpoint``, HF's gradient checkpointing) the saved-tensor hooks then drop
     them after the forward and recompute them in the backward. Tensors kept as ``ctx`` attributes would stay
     alive for every checkpointed layer until the backward reaches it (measured: +17 GiB at 128K tokens on
-    the 1B model). The dense prefixes' attention is recomputed in the backward for the same reason."""
+    the 1B model). The dense prefixes save their output rows and LSE the same way (or, without FlashAttention,
+    are recomputed in the backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing):
-        o, lse, layout, sel, lists, dense_blocks, budget = _moba_forward(q, k, v, lens, block_size, top_k, scale,
-                                                                          group_routing)
-        ctx.save_for_backward(q, k, v, o, lse, sel, *(lists[n] if lists else None for n in LIST_TENSORS))
+        o, lse, layout, sel, lists, dense_blocks, budget, dense_saved = _moba_forward(
+            q, k, v, lens, block_size, top_k, scale, group_routing)
+        ctx.save_for_backward(q, k, v, o, lse, sel, *(lists[n] if lists else None for n in LIST_TENSORS),
+                              *dense_saved)
         ctx.args = (lens, layout, lists["tile_m"] if lists else None, dense_blocks, budget, top_k, block_size,
                     scale, group_routing)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, sel, *list_tensors = ctx.saved_tensors
+        q, k, v, o, lse, sel, *rest = ctx.saved_tensors
+        list_tensors, dense_saved = rest[: len(LIST_TENSORS)], rest[len(LIST_TENSORS):]
         lens, layout, tile_m, dense_blocks, budget, top_k, block_size, scale, group_routing = ctx.args
         lists = dict(zip(LIST_TENSORS, list_tensors), tile_m=tile_m) if tile_m is not None else None
         dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -163,7 +195,7 @@ class _TritonMoBA(torch.autograd.Function):
         moba_bwd(do, q, k, v, o, lse, layout, sel, lists, top_k, block_size, scale, group_routing, dense_blocks,
                  dq, dk, dv, budget)
         if layout["dense_segments"]:
-            _DenseRows(q, k, v, lens, layout, scale, build_graph=True).backward(do, dq, dk, dv)
+            _DenseRows(q, k, lens, layout, scale).backward(q, k, v, do, dense_saved, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None
 
 

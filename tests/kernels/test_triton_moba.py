@@ -386,3 +386,17 @@ def test_activation_checkpointing_keeps_no_token_tensors(lens):
         grads.append([x.grad for x in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved-out-lse"])
+@pytest.mark.parametrize("lens", [pytest.param([64, 64], id="equal-docs"), pytest.param([80, 40, 7], id="varlen")])
+def test_dense_prefix_backward_modes(monkeypatch, lens, saved):
+    """The dense prefixes' backward either recomputes them (CPU, fp32) or, where FlashAttention runs, calls
+    its backward on the output rows and LSE saved in the forward. The second mode is run here with the exact
+    primitives in FlashAttention's place (same contract); both must equal the reference."""
+    from moba_core import triton_backend
+    from moba_core.varlen import TorchVarlen
+
+    monkeypatch.setenv("MOBA_DENSE_PATH", "1")
+    monkeypatch.setattr(triton_backend, "dense_primitives", lambda q: TorchVarlen() if saved else None)
+    check_case(lens, 4, 2, 32, 16, 3, False, torch.float32, seed=3)
