@@ -16,7 +16,8 @@ the peak of the run. A run that fails (out of memory included) is a row with ``o
 Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
 rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
 moba), ``moba`` ("512:8" or null), ``gpus``, ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib``, ``ok``,
-``error``, ``losses``, ``gpu``, ``date``), where rows of the same (seq_len, attention, moba, gpus) are
+``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``: the last step's wall, idle and
+per-part GPU time, ``train.profiling``), where rows of the same (seq_len, attention, moba, gpus) are
 replaced and the others kept, so one-GPU and two-GPU runs add up. Each point's run directory under
 ``--run-root`` is replaced, so reruns into the same root work.
 """
@@ -71,11 +72,13 @@ def point_name(p: dict) -> str:
     return f"{p['seq_len']}_{p['moba'].replace(':', '-') if p['moba'] else 'full'}_sp{p['gpus']}"
 
 
-def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package") -> list[str]:
-    """The ``python -m train`` overrides of a point (before the user's)."""
+def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package",
+                    profile: bool = False) -> list[str]:
+    """The ``python -m train`` overrides of a point (before the user's); ``profile``: its last step runs under
+    ``torch.profiler`` (``train.profile_step``)."""
     out = [f"model={model}", f"data.documents={documents}", *BASE_OVERRIDES, f"data.seq_len={p['seq_len']}",
            f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
-           "moba.full_attn_layers=[]"]
+           "moba.full_attn_layers=[]", f"train.profile_step={steps if profile else 0}"]
     if p["attention"] == "full":
         return [*out, "schedule=full"]
     block, top_k = p["moba"].split(":")
@@ -86,7 +89,8 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
 # point's own values, and the row would name a run that did not happen.
 POINT_KEYS = {"data.seq_len": "--points", "moba.block_size": "--points", "moba.top_k": "--points",
               "moba.full_attn_layers": "--points", "moba.layers": "--points", "parallel.sp_size": "--points (@spN)",
-              "schedule": "--points", "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents"}
+              "schedule": "--points", "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents",
+              "train.profile_step": "--profile"}
 
 
 def check_extra(extra: list[str]) -> None:
@@ -106,7 +110,7 @@ def summarize(rows: list[dict]) -> dict:
     """Medians of the steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows: tokens/s
     of the job (all GPUs), seconds per step (a step's tokens, ``tokens`` / ``step`` as ``tokens`` counts the run's
     tokens so far, over its tokens/s) and MFU; the peak memory and every loss."""
-    steady = rows[2:] or rows
+    steady = [r for r in rows[2:] if not r.get("profiled")] or rows
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     step_s = [r["tokens"] / r["step"] / r["tokens_per_s"] for r in steady if r["tokens_per_s"]]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "step_s": statistics.median(step_s),
@@ -152,7 +156,8 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
     run_dir = Path(args.run_root) / point_name(p)
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p["gpus"]),
-           "-m", "train", f"hydra.run.dir={run_dir}", *point_overrides(p, args.steps, args.model, args.documents),
+           "-m", "train", f"hydra.run.dir={run_dir}",
+           *point_overrides(p, args.steps, args.model, args.documents, args.profile),
            *extra]
     print("+", " ".join(cmd), flush=True)
     row = {**p, "ok": False, "error": None}
@@ -164,7 +169,12 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
         print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
         return {**row, "error": failure_reason(proc.stderr) or f"exit {proc.returncode}"}
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x]
-    return {**row, **summarize(rows), "ok": True}
+    row = {**row, **summarize(rows), "ok": True}
+    prof = run_dir / f"profile_step{args.steps}.json"
+    if args.profile and prof.is_file():
+        split = json.loads(prof.read_text())
+        row["profile_ms"] = {"wall": split["wall_ms"], "idle": split["idle_ms"], **split["categories_ms"]}
+    return row
 
 
 def table(results: list[dict], command: str, gpu: str) -> str:
@@ -185,6 +195,20 @@ def table(results: list[dict], command: str, gpu: str) -> str:
         losses = ", ".join(f"{x:.3f}" for x in r["losses"][:3])
         lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "
                      f"{speed} | {mfu} | {r['peak_gib']:.1f} | {losses} |")
+    profiled = [r for r in results if r.get("profile_ms")]
+    if profiled:
+        from .profiling import CATEGORIES
+
+        lines += ["", "One step under torch.profiler (the last step of each point; GPU kernel time per part in ms, its "
+                  "share of the kernel time, and idle = wall - kernel time; recompute counted where it runs):", "",
+                  "| seq_len | GPUs | attention | wall ms | " + " | ".join(CATEGORIES) + " | idle |",
+                  "|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+        for r in profiled:
+            pm = r["profile_ms"]
+            busy = sum(pm[c] for c in CATEGORIES) or 1.0
+            cells = " | ".join(f"{pm[c]:.0f} ({100 * pm[c] / busy:.0f}%)" for c in CATEGORIES)
+            attn = f"MoBA {r['moba']}" if r["moba"] else "full"
+            lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | {pm['wall']:.0f} | {cells} | {pm['idle']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", default="BENCHMARKS.md", help="markdown file with the marked section ('' = none)")
     ap.add_argument("--json", default="results/train.json", help="rows merged into this file ('' = none)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per point before it counts as failed")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile each point's last step (train.profile_step): its time split into attention, "
+                         "matmul, loss, optimizer, ... as a second table and profile_ms in the JSON rows")
     args = ap.parse_args(argv)
     try:
         points = [parse_point(t) for t in args.points.split(",") if t.strip()]

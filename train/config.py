@@ -246,6 +246,9 @@ class TrainLoopConfig:
     eval_tasks: list[str] = field(default_factory=list)  # position | passkey | routing; [] = none
     loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked cross-entropy
     max_skipped_steps: int = 3  # steps in a row skipped for a NaN/inf loss or gradient before the run stops
+    # optimizer step (1-based) run under torch.profiler: profile/ traces and profile_step<N>.json (its time split
+    # into attention, matmul, loss, optimizer, communication, ...); 0 = none
+    profile_step: int = 0
 
     def __post_init__(self):
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "loss_chunk_tokens"):
@@ -253,6 +256,9 @@ class TrainLoopConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0 = evaluate only at the end)")
+        if not 0 <= self.profile_step <= self.max_steps:
+            raise ValueError(f"train.profile_step={self.profile_step} must lie in [0, train.max_steps="
+                             f"{self.max_steps}] (0 = no profile)")
         if self.max_skipped_steps < 0:
             raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = stop at the first)")
         check_tasks(self.eval_tasks, "train.eval_tasks")

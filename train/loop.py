@@ -41,6 +41,7 @@ from .model import (
     step_flops,
 )
 from .preemption import PreemptionFlag, restore_signal_handlers
+from .profiling import StepProfiler
 from .rundir import check_same_run_dir, record_config
 from .sequence_parallel import init_sp_groups, shard_batch, sp_attention
 
@@ -308,6 +309,9 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     while step < cfg.train.max_steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         moba_now = use_schedule_of(step)
+        profiler = None
+        if step + 1 == cfg.train.profile_step:
+            profiler = StepProfiler(run_dir, step + 1, info.rank, info.device).__enter__()
         t0 = time.perf_counter()
         loss_sum, n_valid, n_tok, flops = 0.0, 0.0, 0, 0.0
         fulls = [next(train_iter) for _ in range(cfg.train.grad_accum)]  # the whole step's micro-batches
@@ -337,6 +341,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         if info.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
         loss_sum, n_valid, n_tok, flops = _all_reduce_sum([loss_sum, n_valid, n_tok, flops], info.device)
         flops /= info.sp_size  # every sp rank counted the FLOPs of the whole sample
         step += 1
@@ -361,6 +367,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                 "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
                 "skipped": skipped,  # the update was skipped: non-finite loss or gradient
             }
+            if profiler is not None:
+                last["profiled"] = True  # under torch.profiler (train.profile_step): its times include the overhead
             metrics.log(last)
         if guard.in_row > cfg.train.max_skipped_steps:
             metrics.close()
