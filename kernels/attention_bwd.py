@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import LOG2E, _gather_rows, dot_precision, head_chunks, kernel_config, partial_row
+from .attention_fwd import LOG2E, _gather_rows, dot_precision, head_chunks, partial_row
+from .config import kernel_config
 
 
 @triton.jit

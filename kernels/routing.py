@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .config import INTERPRET, kernel_config
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def route_topk(q, means, layout, top_k: int, block_size: int, group_routing: boo
         return sel
     if route_prec is None:
         route_prec = os.environ.get("MOBA_ROUTE_PREC") or default_route_precision(q.dtype, group_routing)
-    cfg = route_config()
+    cfg = kernel_config("route", block_size, D, q.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (layout["NS"] * triton.cdiv(block_size, bm), hr)
     _route_topk_kernel[grid](
@@ -238,18 +238,6 @@ def default_route_precision(dtype: torch.dtype, group_routing: bool) -> str:
     if dtype == torch.bfloat16 and not group_routing:
         return "bf16x2"
     return "tf32x3" if dtype == torch.float32 else "bf16x3"
-
-
-def route_config() -> dict:
-    """Launch configuration of ``_route_topk_kernel``: BLOCK_M queries per program, BLOCK_N candidate blocks per
-    score tile (measured on an H200, ``launch/tune_kernels.py --kernels route``); ``MOBA_CFG_ROUTE=BM,BN,WARPS,
-    STAGES`` overrides."""
-    env = os.environ.get("MOBA_CFG_ROUTE")
-    if env:
-        bm, bn, w, st = (int(x) for x in env.split(","))
-    else:
-        bm, bn, w, st = (16, 16, 4, 1) if INTERPRET else (64, 32, 4, 2)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
 
 
 SCATTER_MAX_ENTRIES = 1 << 22

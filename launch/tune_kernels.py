@@ -1,5 +1,5 @@
 """GPU: time each MoBA Triton kernel alone and sweep its launch configuration (the table behind
-``kernels.attention_fwd.kernel_config``): python launch/tune_kernels.py [--points ...] [--out FILE].
+``kernels.config.kernel_config``): python launch/tune_kernels.py [--points ...] [--out FILE].
 
 For every point and kernel, the other kernels of the same pass are replaced by no-ops, so a row is the
 time of that kernel alone (median of a few runs, bf16, 16 heads, D=128). Configs are set through the
@@ -17,6 +17,7 @@ import torch
 import kernels.attention_bwd as bwd
 import kernels.attention_fwd as fwd
 import kernels.routing as routing
+from kernels.config import kernel_config
 from moba_core import triton_backend as tb
 from train.bench_kernels import parse_point, timed
 
@@ -106,7 +107,7 @@ def main():
             layout = tb.cached_layout(tuple(lens), bs, top_k, q.device)
             means = routing.block_means(k, layout)
             sel = routing.route_topk(q, means, layout, top_k, bs, False)
-            tile_m = fwd.kernel_config("list_fwd", bs, D, q.dtype)["BLOCK_M"]
+            tile_m = kernel_config("list_fwd", bs, D, q.dtype)["BLOCK_M"]
             parts = {"routing": lambda: tb.moba_routing(q, k, lens, bs, top_k, False, top_k),
                      "routing.means": lambda: routing.block_means(k, layout),
                      "routing.topk": lambda: routing.route_topk(q, means, layout, top_k, bs, False),

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention_bwd import moba_bwd
-from kernels.attention_fwd import kernel_config, moba_fwd
+from kernels.attention_fwd import moba_fwd
+from kernels.config import kernel_config
 from kernels.routing import block_layout, block_means, build_block_lists, route_topk
 
 from .flash import varlen_causal_attention
