@@ -88,7 +88,7 @@ class _DenseRows:
     """The dense prefixes of all documents as one causal attention (no autograd graph of its own).
 
     With FlashAttention primitives (CUDA, fp16 / bf16: ``moba_core.varlen.varlen_primitives``) the prefix rows
-    are gathered and run through varlen FlashAttention; the forward returns its output rows and LSE for the
+    are gathered (a slice when there is one prefix) and run through varlen FlashAttention; the forward returns its output rows and LSE for the
     caller's ``save_for_backward`` and the backward calls FlashAttention's backward on them. Otherwise (CPU,
     fp32) the forward attends without a graph (documents of equal length through SDPA on strided views, others
     through ``varlen_causal_attention``) and the backward recomputes it with a graph. ``forward`` writes the
@@ -102,10 +102,14 @@ class _DenseRows:
         self.scale, self.gqa = scale, q.shape[1] != k.shape[1]
         self.prims = dense_primitives(q)
         self.uniform = layout["uniform"] and self.prims is None  # strided SDPA views, no gather
+        segs = layout["dense_segments"]
+        self.span = (segs[0][0], segs[0][0] + segs[0][1]) if len(segs) == 1 else None  # one prefix: a slice
 
     def _rows(self, x):
         if self.uniform:  # (n, H, P, D) strided view
             return x.unflatten(0, (self.n, self.L))[:, : self.P].transpose(1, 2)
+        if self.span is not None:
+            return x[self.span[0]: self.span[1]]
         return x[self.idx]
 
     def _attend(self, q, k, v):
@@ -117,6 +121,9 @@ class _DenseRows:
         if self.uniform:
             view = dst.unflatten(0, (self.n, self.L))[:, : self.P]
             view.add_(src.transpose(1, 2)) if add else view.copy_(src.transpose(1, 2))
+        elif self.span is not None:
+            view = dst[self.span[0]: self.span[1]]
+            view.add_(src) if add else view.copy_(src)
         elif add:
             dst.index_add_(0, self.idx, src.to(dst.dtype))
         else:
