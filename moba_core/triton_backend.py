@@ -88,11 +88,12 @@ class _DenseRows:
     """The dense prefixes of all documents as one causal attention (no autograd graph of its own).
 
     With FlashAttention primitives (CUDA, fp16 / bf16: ``moba_core.varlen.varlen_primitives``) the prefix rows
-    are gathered (a slice when there is one prefix) and run through varlen FlashAttention; the forward returns its output rows and LSE for the
-    caller's ``save_for_backward`` and the backward calls FlashAttention's backward on them. Otherwise (CPU,
-    fp32) the forward attends without a graph (documents of equal length through SDPA on strided views, others
-    through ``varlen_causal_attention``) and the backward recomputes it with a graph. ``forward`` writes the
-    output rows into ``o``; ``backward`` writes dq rows and adds into dk, dv.
+    are gathered (a slice when there is one prefix) and run through varlen FlashAttention; the forward returns
+    its LSE for the caller's ``save_for_backward``, and the backward calls FlashAttention's backward with it
+    and the prefix rows of the saved output. Otherwise (CPU, fp32) the forward attends without a graph
+    (documents of equal length through SDPA on strided views, others through ``varlen_causal_attention``) and
+    the backward recomputes it with a graph. ``forward`` writes the output rows into ``o``; ``backward``
+    writes dq rows and adds into dk, dv.
     """
 
     def __init__(self, q, k, lens, layout, scale):
@@ -130,22 +131,22 @@ class _DenseRows:
             dst.index_copy_(0, self.idx, src.to(dst.dtype))
 
     def forward(self, q, k, v, o) -> tuple:
-        """Writes the prefix rows of ``o``; returns the tensors the backward needs (output rows and LSE with
-        FlashAttention, else none)."""
+        """Writes the prefix rows of ``o``; returns the tensors the backward needs besides q, k, v and o: the
+        LSE (fp32 (HQ, prefix rows)) with FlashAttention, else none."""
         rows = [self._rows(x) for x in (q, k, v)]
         if self.prims is not None:
             out, lse = self.prims.fwd(*rows, self.cu, self.cu, self.max_p, self.max_p, True, self.scale)
             self._write(o, out)
-            return out, lse
+            return (lse,)
         with torch.no_grad():
             self._write(o, self._attend(*rows))
         return ()
 
-    def backward(self, q, k, v, do, saved, dq, dk, dv):
+    def backward(self, q, k, v, o, do, saved, dq, dk, dv):
         if self.prims is not None:
-            out, lse = saved
-            gq, gk, gv = self.prims.bwd(self._rows(do), *(self._rows(x) for x in (q, k, v)), out, lse, self.cu,
-                                        self.cu, self.max_p, self.max_p, True, self.scale)
+            (lse,) = saved
+            gq, gk, gv = self.prims.bwd(*(self._rows(x) for x in (do, q, k, v, o)), lse, self.cu, self.cu,
+                                        self.max_p, self.max_p, True, self.scale)
         else:
             leaves = [self._rows(x).detach().requires_grad_() for x in (q, k, v)]
             with torch.enable_grad():
@@ -178,8 +179,8 @@ class _TritonMoBA(torch.autograd.Function):
     checkpointing (``torch.utils.checkpoint``, HF's gradient checkpointing) the saved-tensor hooks then drop
     them after the forward and recompute them in the backward. Tensors kept as ``ctx`` attributes would stay
     alive for every checkpointed layer until the backward reaches it (measured: +17 GiB at 128K tokens on
-    the 1B model). The dense prefixes save their output rows and LSE the same way (or, without FlashAttention,
-    are recomputed in the backward)."""
+    the 1B model). The dense prefixes save their LSE the same way (or, without FlashAttention, are recomputed
+    in the backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing):
@@ -203,7 +204,7 @@ class _TritonMoBA(torch.autograd.Function):
         moba_bwd(do, q, k, v, o, lse, layout, sel, lists, top_k, block_size, scale, group_routing, dense_blocks,
                  dq, dk, dv, budget)
         if layout["dense_segments"]:
-            _DenseRows(q, k, lens, layout, scale).backward(q, k, v, do, dense_saved, dq, dk, dv)
+            _DenseRows(q, k, lens, layout, scale).backward(q, k, v, o, do, dense_saved, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None
 
 

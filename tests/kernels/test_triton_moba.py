@@ -388,13 +388,14 @@ def test_activation_checkpointing_keeps_no_token_tensors(lens):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved-out-lse"])
+@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved-lse"])
 @pytest.mark.parametrize("lens", [pytest.param([100], id="one-doc"), pytest.param([0, 90], id="one-prefix-of-two"),
                                   pytest.param([64, 64], id="equal-docs"), pytest.param([80, 40, 7], id="varlen")])
 def test_dense_prefix_backward_modes(monkeypatch, lens, saved):
     """The dense prefixes' backward either recomputes them (CPU, fp32) or, where FlashAttention runs, calls
-    its backward on the output rows and LSE saved in the forward. The second mode is run here with the exact
-    primitives in FlashAttention's place (same contract); both must equal the reference."""
+    its backward on the LSE saved in the forward and the prefix rows of the saved output. The second mode is
+    run here with the exact primitives in FlashAttention's place (same contract); both must equal the
+    reference."""
     from moba_core import triton_backend
     from moba_core.varlen import TorchVarlen
 
