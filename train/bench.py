@@ -109,8 +109,10 @@ def check_extra(extra: list[str]) -> None:
 def summarize(rows: list[dict]) -> dict:
     """Medians of the steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows: tokens/s
     of the job (all GPUs), seconds per step (a step's tokens, ``tokens`` / ``step`` as ``tokens`` counts the run's
-    tokens so far, over its tokens/s) and MFU; the peak memory and every loss."""
-    steady = [r for r in rows[2:] if not r.get("profiled")] or rows
+    tokens so far, over its tokens/s) and MFU; the peak memory and every loss. A step run under the profiler
+    (``profiled``) is left out of the medians, unless it is the only step."""
+    timed = [r for r in rows if not r.get("profiled")]
+    steady = [r for r in rows[2:] if not r.get("profiled")] or timed or rows
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     step_s = [r["tokens"] / r["step"] / r["tokens_per_s"] for r in steady if r["tokens_per_s"]]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "step_s": statistics.median(step_s),

@@ -64,6 +64,16 @@ def test_profiled_steps_are_left_out_of_the_benchmark_medians():
     assert summarize(rows)["tokens_per_s"] == 150.0  # steps 3-4; step 5 ran under the profiler
 
 
+def test_profiled_step_is_left_out_of_the_medians_of_a_short_benchmark():
+    """``--steps 3 --profile``: no unprofiled step after the first two, so the medians fall back to the steps
+    before the profiled one, not to every step (which made the profiled step the median)."""
+    rows = [{"step": i + 1, "tokens": 100 * (i + 1), "tokens_per_s": tps, "mfu": None, "mem_gb": 1.0, "loss": 1.0}
+            for i, tps in enumerate([10.0, 20.0, 100.0])]
+    rows[-1]["profiled"] = True
+    assert summarize(rows)["tokens_per_s"] == 15.0  # steps 1-2, not the profiled step 3
+    assert summarize(rows[-1:])["tokens_per_s"] == 100.0  # one step, profiled: the only one there is
+
+
 def test_bench_profile_writes_the_split_of_the_last_step(tmp_path, small_corpus):
     """``--profile`` on the CPU: the last step runs under torch.profiler; its split lands in the run directory,
     the JSON row and a second table; the step's metrics row says it was profiled."""
