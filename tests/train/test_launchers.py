@@ -24,3 +24,30 @@ def test_deepspeed_launcher_fixes_one_run_dir_and_passes_no_local_rank():
 def test_slurm_script_gives_every_node_one_launch_time():
     text = (REPO / "launch" / "slurm.sbatch").read_text()
     assert text.index("export MOBA_LAUNCH_TIME=") < text.index("srun --")
+
+
+def test_repro_small_runs_the_projects_python_with_every_extra_override(tmp_path):
+    """launch/repro_small.sh takes the checkout's .venv/bin/python (not the first ``python`` on PATH, which
+    need not have the project), and every override of EXTRA reaches both runs, also when EXTRA spans lines
+    (``read`` kept only its first line)."""
+    import shutil
+
+    (tmp_path / "launch").mkdir()
+    shutil.copy(REPO / "launch" / "repro_small.sh", tmp_path / "launch")
+    for d in (tmp_path / ".venv" / "bin", tmp_path / "bin"):
+        d.mkdir(parents=True)
+    venv_py, bare_py = tmp_path / ".venv" / "bin" / "python", tmp_path / "bin" / "python"
+    venv_py.write_text('#!/bin/sh\necho "venv python $*"\n')
+    bare_py.write_text('#!/bin/sh\necho "bare python $*"\nexit 3\n')
+    venv_py.chmod(0o755)
+    bare_py.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "STEPS": "2", "ROOT": str(tmp_path / "runs"),
+           "OUT": str(tmp_path / "out"), "EXTRA": "model.num_layers=2 data.seq_len=1024\n  train.micro_batch_size=1"}
+    env.pop("PY", None)
+    proc = subprocess.run(["bash", str(tmp_path / "launch" / "repro_small.sh")], env=env, capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for run in ("full", "moba"):
+        log = (tmp_path / "out" / "repro" / f"{run}_train.log").read_text()
+        assert log.startswith("venv python -m train ")
+        assert "data.seq_len=1024 train.micro_batch_size=1" in log
