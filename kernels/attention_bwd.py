@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .attention_fwd import LOG2E, _gather_rows, dot_precision, head_chunks, partial_row
 from .config import kernel_config
+from .launch import launch
 
 
 @triton.jit
@@ -353,7 +354,7 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
     BLOCK_D = max(16, triton.next_power_of_2(D))
     qk_scale = softmax_scale * LOG2E
     delta = torch.empty((HQ, T), device=dev, dtype=torch.float32)
-    _delta_kernel[(layout["NS"] * triton.cdiv(block_size, 64), HQ)](
+    launch(_delta_kernel, (layout["NS"] * triton.cdiv(block_size, 64), HQ),
         o, do, delta, layout["block_start"], layout["block_len"], layout["sparse_blocks"],
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BLOCK_D=BLOCK_D,
         BLOCK_SIZE=block_size, BLOCK_M=64)
@@ -375,7 +376,7 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
             lg = torch.empty((cap * nh,), device=dev, dtype=torch.float32)
             dg = torch.empty((cap * nh,), device=dev, dtype=torch.float32)
             tg = torch.empty((cap,), device=dev, dtype=torch.int32)
-            _gather_rows_kernel[(triton.cdiv(cap, 64),)](
+            launch(_gather_rows_kernel, (triton.cdiv(cap, 64),),
                 q, do, lse, delta, qg, dog, lg, dg, tg, lists["entries"], lists["list_ptr"],
                 strides["stride_qt"], strides["stride_qh"], strides["stride_dot"], strides["stride_doh"], T, ksel,
                 LIST0=hr0 * nb, LIST1=hr1 * nb, CAP=cap, G=G, GROUP=group_routing, NH=nh, D=D, BLOCK_D=BLOCK_D,
@@ -386,7 +387,7 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
             qg = dog = lg = dg = tg = list_ptr = delta  # unused (HAS_LISTS off)
         # [query heads of the chunk, T, D] fp32
         dq_acc = torch.zeros(((g1 - g0) * G, T, D), device=dev, dtype=torch.float32) if fused else delta
-        _dkdv_kernel[(nb * triton.cdiv(block_size, cfg["BLOCK_N"]), g1 - g0)](
+        launch(_dkdv_kernel, (nb * triton.cdiv(block_size, cfg["BLOCK_N"]), g1 - g0),
             q, k, v, do, lse, delta, dk, dv, dq_acc, qg, dog, lg, dg, tg, list_ptr,
             layout["block_start"], layout["block_len"], layout["block_first"],
             stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
@@ -407,7 +408,7 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
         if ksel:
             dqpart = torch.empty((nhq, T, ksel, D), device=dev, dtype=q.dtype)
             bound = triton.cdiv(T * (h1 - h0) * ksel, lists["tile_m"]) + (h1 - h0) * nb
-            _list_dq_kernel[(bound,)](
+            launch(_list_dq_kernel, (bound,),
                 q, k, v, do, lse, delta, dqpart, lists["entries"], lists["list_ptr"], lists["tile_list"],
                 lists["tile_first"], layout["block_start"], NB=nb, LIST0=h0 * nb, LIST1=h1 * nb, HQ0=hq0,
                 GROUP=group_routing, NHEADS=nh, **strides, **const, **dict(lcfg, BLOCK_M=lists["tile_m"]),
@@ -415,7 +416,7 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
         else:
             dqpart = delta  # unused
         grid = (layout["NS"] * triton.cdiv(block_size, dcfg["BLOCK_M"]), nhq)
-        _diag_dq_kernel[grid](
+        launch(_diag_dq_kernel, grid,
             q, k, v, do, lse, delta, dq, dqpart, sel if ksel else delta, layout["block_start"], layout["block_len"],
             layout["sparse_blocks"], stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), HQ0=hq0,
             sm_scale=softmax_scale, GROUP=group_routing, **strides, **const, **dcfg,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .config import INTERPRET, kernel_config
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -244,7 +245,7 @@ def moba_fwd(q, k, v, layout: dict, sel: torch.Tensor, lists: dict | None, top_k
             lpart = torch.empty((nhq, T, ksel), device=dev, dtype=torch.float32)
             assert lists["tile_m"] == lcfg["BLOCK_M"]
             bound = triton.cdiv(T * (h1 - h0) * ksel, lists["tile_m"]) + (h1 - h0) * nb
-            _list_fwd_kernel[(bound,)](
+            launch(_list_fwd_kernel, (bound,),
                 q, k, v, opart, lpart, lists["entries"], lists["list_ptr"], lists["tile_list"], lists["tile_first"],
                 layout["block_start"], NB=nb, LIST0=h0 * nb, LIST1=h1 * nb, HQ0=hq0, NHEADS=nh,
                 **strides, **const, **lcfg,
@@ -252,7 +253,7 @@ def moba_fwd(q, k, v, layout: dict, sel: torch.Tensor, lists: dict | None, top_k
         else:
             opart = lpart = lse  # unused
         grid = (layout["NS"] * triton.cdiv(block_size, ccfg["BLOCK_M"]), nhq)
-        _combine_fwd_kernel[grid](
+        launch(_combine_fwd_kernel, grid,
             q, k, v, o, lse, opart, lpart, sel if ksel else lse, layout["block_start"], layout["block_len"],
             layout["sparse_blocks"],
             stride_ot=o.stride(0), stride_oh=o.stride(1), HQ0=hq0, **strides, **const, **ccfg,

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .config import INTERPRET, kernel_config
+from .launch import launch
 
 
 @triton.jit
@@ -184,7 +185,7 @@ def block_means(k: torch.Tensor, layout: dict) -> torch.Tensor:
     nb = layout["NB"]
     means = torch.empty((HKV, nb, D), device=k.device, dtype=torch.float32)
     if nb:
-        _mean_pool_kernel[(nb, HKV)](
+        launch(_mean_pool_kernel, (nb, HKV),
             k, means, layout["block_start"], layout["block_len"],
             stride_kt=k.stride(0), stride_kh=k.stride(1),
             NB=nb, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=64,
@@ -213,7 +214,7 @@ def route_topk(q, means, layout, top_k: int, block_size: int, group_routing: boo
     cfg = kernel_config("route", block_size, D, q.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (layout["NS"] * triton.cdiv(block_size, bm), hr)
-    _route_topk_kernel[grid](
+    launch(_route_topk_kernel, grid,
         q, means, layout["block_start"], layout["block_len"], layout["block_first"], layout["sparse_blocks"], sel,
         stride_qt=q.stride(0), stride_qh=q.stride(1), T=T, NB=layout["NB"],
         G=HQ // HKV, GROUP=group_routing, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -340,11 +341,11 @@ def build_block_lists(sel: torch.Tensor, nb: int, tile_m: int, deterministic: bo
     tile_list = torch.empty(max_tiles, dtype=torch.int32, device=dev)
     grid = (triton.cdiv(E, 1024),)
     if E:
-        _list_pass_kernel[grid](sel, counts[0], ptrs[0], entries, E, T * ksel, nb, SCATTER=False, BLOCK=1024)
-    _list_scan_kernel[(1,)](counts[0], ptrs[0], ptrs[1], nl, tile_m, BLOCK=1024)
+        launch(_list_pass_kernel, grid, sel, counts[0], ptrs[0], entries, E, T * ksel, nb, SCATTER=False, BLOCK=1024)
+    launch(_list_scan_kernel, (1,), counts[0], ptrs[0], ptrs[1], nl, tile_m, BLOCK=1024)
     if E:
-        _list_pass_kernel[grid](sel, counts[1], ptrs[0], entries, E, T * ksel, nb, SCATTER=True, BLOCK=1024)
+        launch(_list_pass_kernel, grid, sel, counts[1], ptrs[0], entries, E, T * ksel, nb, SCATTER=True, BLOCK=1024)
     if nl:
-        _tile_list_kernel[(nl,)](ptrs[1], tile_list, BLOCK=256)
+        launch(_tile_list_kernel, (nl,), ptrs[1], tile_list, BLOCK=256)
     return dict(entries=entries, list_ptr=ptrs[0], tile_list=tile_list, tile_first=ptrs[1],
                 max_tiles=max_tiles, tile_m=tile_m)
