@@ -256,6 +256,9 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     if info.is_main:  # config.json, config-history/, and the settings changed since the checkpoint
         record_config(run_dir, run_config, resume[0] / resume[1] if resume is not None else None)
     start_step, eval_step, val = step, None, {}
+    if info.is_main and 0 < cfg.train.profile_step <= step < cfg.train.max_steps:  # resumed past it
+        log.warning("train.profile_step=%d lies before this launch's first step (%d): no step is profiled",
+                    cfg.train.profile_step, step + 1)
     tail_from = cfg.data.seq_len // 2  # trailing loss: the second half of (long enough) documents
 
     def validate() -> dict:

@@ -9,7 +9,7 @@ from train.bench import main, summarize
 from train.config import TrainLoopConfig
 from train.profiling import CATEGORIES, category, split_events
 
-from .conftest import SMALL, small_data_args
+from .conftest import SMALL, read_metrics, run_train, small_data_args
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -94,3 +94,19 @@ def test_bench_profile_writes_the_split_of_the_last_step(tmp_path, small_corpus)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m.get("profiled", False) for m in metrics] == [False, False, True]
     assert "| 256 | 1 | MoBA 32:2 | " in md.read_text() and "| attention | matmul |" in md.read_text()
+
+
+def test_profile_step_with_grad_accum_and_eval_then_a_resume_past_it(tmp_path, small_corpus):
+    """A profiled step of two micro-batches (train.grad_accum=2) with an evaluation after it; a resumed run whose train.profile_step lies before its first step says that it profiles nothing."""
+    run = tmp_path / "run"
+    data = small_data_args(small_corpus)
+    run_train(["train.max_steps=2", "train.profile_step=2", "train.grad_accum=2", "train.eval_every=2", *data],
+              run, small_corpus[1])
+    split = json.loads((run / "profile_step2.json").read_text())
+    assert split["step"] == 2 and (run / "profile" / "step2_rank0.json").is_file()
+    assert [m.get("profiled", False) for m in read_metrics(run)] == [False, True]
+    proc = run_train(["train.max_steps=3", "train.profile_step=2", "train.grad_accum=2", *data], run,
+                     small_corpus[1])
+    out = proc.stdout + proc.stderr
+    assert "train.profile_step=2 lies before this launch's first step (3): no step is profiled" in out
+    assert [m.get("profiled", False) for m in read_metrics(run)] == [False, True, False]
