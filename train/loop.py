@@ -89,6 +89,18 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
+def follow_schedule(scheduler, lr: float) -> None:
+    """Put a ``LambdaLR`` ``scheduler`` just loaded from a checkpoint on this launch's schedule: base LR ``lr``
+    (``optim.lr``) and its lambdas (``train.max_steps``, ``optim.warmup_steps``, ``optim.min_lr_ratio``) at the
+    step it resumes at. The checkpoint brings back the base LR and the rate of the schedule it was saved
+    with, so without this a changed ``optim.lr`` was ignored and the first resumed step ran at the old rate."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = rate
+    scheduler._last_lr = lrs
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -247,6 +259,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     if resume is not None:
         state = ckpt.load(engine, resume[0], resume[1], info.rank)
         step, tokens = int(state["step"]), int(state["tokens"])
+        follow_schedule(scheduler, cfg.optim.lr)  # a changed train.max_steps / optim.lr applies from this step
         train_loader.sampler.load_state_dict(state["sampler"])
         if info.is_main:
             log.info("resumed from %s at step %d (%d tokens seen)", resume[0] / resume[1], step, tokens)

@@ -168,3 +168,19 @@ def test_a_fresh_start_keeps_an_export_it_starts_from(tmp_path):
     drop_stale_export(hf, keep=[str(tmp_path / "other"), None])
     assert not hf.exists()
     drop_stale_export(hf)  # nothing there: nothing to do
+
+
+def test_resume_with_more_steps_and_another_lr_follows_the_new_schedule(tmp_path, small_corpus):
+    """Raising train.max_steps and changing optim.lr on resume: the first resumed step already trains at the
+    rate the new schedule (with the new optim.lr) has at that step, not at the checkpoint's (the scheduler's
+    saved base LR and last rate came back with it: step 4 ran at the old end value, optim.lr was ignored)."""
+    from types import SimpleNamespace
+
+    from train.loop import lr_lambda
+
+    run, data = tmp_path / "run", small_data_args(small_corpus)
+    run_train(["train.max_steps=3", *data], run, small_corpus[1])
+    run_train(["train.max_steps=6", "optim.lr=2e-3", *data], run, small_corpus[1])
+    lam = lr_lambda(SimpleNamespace(optim=SimpleNamespace(warmup_steps=2, min_lr_ratio=0.1),
+                                    train=SimpleNamespace(max_steps=6)))
+    assert [r["lr"] for r in read_metrics(run)][3:] == pytest.approx([2e-3 * lam(s) for s in (3, 4, 5)])
