@@ -201,8 +201,9 @@ def table(results: list[dict], command: str, gpu: str) -> str:
     if profiled:
         from .profiling import CATEGORIES
 
-        lines += ["", "One step under torch.profiler (the last step of each point; GPU kernel time per part in ms, its "
-                  "share of the kernel time, and idle = wall - kernel time; recompute counted where it runs):", "",
+        lines += ["", "One step under torch.profiler (the last step of each point; kernel time per part in ms, its "
+                  "share of the kernel time, and idle = wall - kernel time; recompute counted where it runs; on a CPU "
+                  "the operators' self times, a rough split):", "",
                   "| seq_len | GPUs | attention | wall ms | " + " | ".join(CATEGORIES) + " | idle |",
                   "|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
         for r in profiled:

@@ -367,7 +367,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         if skipped and info.is_main:
             log.warning("step %d skipped: non-finite loss or gradient (%d in a row, train.max_skipped_steps=%d)",
                         step, guard.in_row, cfg.train.max_skipped_steps)
-        if skipped or step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        if skipped or step % cfg.train.log_every == 0 or step == cfg.train.max_steps or profiler is not None:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = pre_clip_norm if grad_norm is None else grad_norm
             last = {

@@ -97,16 +97,18 @@ def test_bench_profile_writes_the_split_of_the_last_step(tmp_path, small_corpus)
 
 
 def test_profile_step_with_grad_accum_and_eval_then_a_resume_past_it(tmp_path, small_corpus):
-    """A profiled step of two micro-batches (train.grad_accum=2) with an evaluation after it; a resumed run whose train.profile_step lies before its first step says that it profiles nothing."""
+    """A profiled step of two micro-batches (train.grad_accum=2) with an evaluation after it, logged though
+    train.log_every skips it; a resumed run whose train.profile_step lies before its first step says that it
+    profiles nothing."""
     run = tmp_path / "run"
     data = small_data_args(small_corpus)
-    run_train(["train.max_steps=2", "train.profile_step=2", "train.grad_accum=2", "train.eval_every=2", *data],
-              run, small_corpus[1])
+    run_train(["train.max_steps=3", "train.profile_step=2", "train.grad_accum=2", "train.eval_every=2",
+               "train.log_every=5", *data], run, small_corpus[1])
     split = json.loads((run / "profile_step2.json").read_text())
     assert split["step"] == 2 and (run / "profile" / "step2_rank0.json").is_file()
-    assert [m.get("profiled", False) for m in read_metrics(run)] == [False, True]
-    proc = run_train(["train.max_steps=3", "train.profile_step=2", "train.grad_accum=2", *data], run,
+    assert [(m["step"], m.get("profiled", False)) for m in read_metrics(run)] == [(2, True), (3, False)]
+    proc = run_train(["train.max_steps=4", "train.profile_step=2", "train.grad_accum=2", *data], run,
                      small_corpus[1])
     out = proc.stdout + proc.stderr
-    assert "train.profile_step=2 lies before this launch's first step (3): no step is profiled" in out
-    assert [m.get("profiled", False) for m in read_metrics(run)] == [False, True, False]
+    assert "train.profile_step=2 lies before this launch's first step (4): no step is profiled" in out
+    assert [m.get("profiled", False) for m in read_metrics(run)] == [True, False, False]
