@@ -14,6 +14,7 @@ Off by default and under ``TRITON_INTERPRET=1``; used only with a Triton version
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -47,8 +48,6 @@ class _Bound:
     """One kernel's parameters in signature order: which are constexprs, and their defaults."""
 
     def __init__(self, kernel):
-        import inspect
-
         params = inspect.signature(kernel.fn).parameters
         self.names = list(params)
         self.defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}

@@ -20,6 +20,8 @@ Implementations:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -159,8 +161,10 @@ class FlashVarlen:
         return dq, dk, dv
 
 
+@functools.lru_cache(maxsize=None)
 def varlen_primitives(device: torch.device, dtype: torch.dtype, head_dim: int):
-    """The fastest exact primitive pair for tensors of this device / dtype / head dim."""
+    """The fastest exact primitive pair for tensors of this device / dtype / head dim (one stateless object per
+    combination: every layer call asks, and ``FlashVarlen`` tries to import flash-attn when built)."""
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
         return FlashVarlen()
     return TorchVarlen()

@@ -172,7 +172,9 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
         return {**row, "error": failure_reason(proc.stderr) or f"exit {proc.returncode}"}
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x]
     row = {**row, **summarize(rows), "ok": True}
-    prof = run_dir / f"profile_step{args.steps}.json"
+    from .profiling import summary_path
+
+    prof = summary_path(run_dir, args.steps)
     if args.profile and prof.is_file():
         split = json.loads(prof.read_text())
         row["profile_ms"] = {"wall": split["wall_ms"], "idle": split["idle_ms"], **split["categories_ms"]}

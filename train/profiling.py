@@ -41,6 +41,11 @@ CATEGORY_RULES = (
 CATEGORIES = ("attention", "matmul", "loss", "norm_rope_act", "optimizer", "communication", "copy", "other")
 
 
+def summary_path(run_dir: Path, step: int) -> Path:
+    """Where rank 0 writes the split of profiled step ``step``: ``<run_dir>/profile_step<step>.json``."""
+    return Path(run_dir) / f"profile_step{step}.json"
+
+
 def category(name: str) -> str:
     """The part of a training step a GPU kernel or CPU operator named ``name`` belongs to: one of
     ``CATEGORIES`` (``other`` when no rule of ``CATEGORY_RULES`` matches)."""
@@ -127,7 +132,7 @@ class StepProfiler:
             "trace": str(trace.relative_to(self.run_dir)),
         }
         if self.rank == 0:
-            (self.run_dir / f"profile_step{self.step}.json").write_text(json.dumps(self.summary, indent=1) + "\n")
+            summary_path(self.run_dir, self.step).write_text(json.dumps(self.summary, indent=1) + "\n")
             log.info("profile of step %d (%s, wall %.1f ms, busy %.1f ms): %s; trace %s", self.step,
                      self.summary["device"], wall_ms, busy,
                      ", ".join(f"{c} {v:.1f} ms ({100 * v / busy if busy else 0:.0f}%)"
