@@ -1,0 +1,104 @@
+"""GPU check of ``moba_core.varlen.CudnnVarlen``: cuDNN's fused attention for long causal sequences against
+PyTorch's FlashAttention-2, at the 1B model's attention shape by default (32 query / 8 KV heads, D 64, bf16).
+
+    python launch/cudnn_attention_check.py [--heads 32 --kv-heads 8 --head-dim 64] [--reps 10] [--batches 4096 3000+9000]
+
+Prints one table: packed batch (document lengths), primitive, fwd ms, fwd+bwd ms, TFLOP/s (causal pairs x 4 D x
+H_q x 3.5), the first call's seconds at that batch (cuDNN builds a plan per new length), and the largest
+relative error of o / dq / dk / dv against the float64 dense reference (batches up to 8K tokens) or against
+FlashAttention-2 (longer ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moba_core.varlen import CudnnVarlen, FlashVarlen  # noqa: E402
+
+BATCHES = ([4096], [8192], [16384], [3000, 9000, 500, 3884], [32768], [30000, 2768], [65536], [131072],
+           [40000, 1000, 2000, 88072], [12288], [20000])  # 9000, 30000, 40000, 88072, 20000: padded for cuDNN
+
+
+def reference(q, k, v, cu, scale):
+    """float64 dense causal attention per document."""
+    g = q.shape[1] // k.shape[1]
+    out = []
+    b = cu.tolist()
+    for s, e in zip(b[:-1], b[1:]):
+        qs, ks, vs = (x[s:e].double().transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(g, 0), vs.repeat_interleave(g, 0)
+        sc = qs @ ks.transpose(1, 2) * scale
+        sc = sc.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        out.append((sc.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--min-seqlen", type=int, default=4096)
+    ap.add_argument("--batches", nargs="*", help="packed batches as document lengths joined by '+'")
+    a = ap.parse_args()
+    batches = [[int(n) for n in b.split("+")] for b in a.batches] if a.batches else BATCHES
+    Hq, Hkv, D = a.heads, a.kv_heads, a.head_dim
+    scale = 1 / math.sqrt(D)
+    prims = {"flash": FlashVarlen(), "cudnn": CudnnVarlen(min_seqlen=a.min_seqlen)}
+    print(f"H_q {Hq}, H_kv {Hkv}, D {D}, bf16, {torch.cuda.get_device_name()}, cuDNN {torch.backends.cudnn.version()}")
+    print("| documents | primitive | fwd ms | fwd+bwd ms | TFLOP/s | first call s | rel. err o / dq / dk / dv |")
+    print("|---|---|---|---|---|---|---|")
+    for lens in batches:
+        T = sum(lens)
+        g = torch.Generator(device="cuda").manual_seed(T)
+        q = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        do = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
+        m = max(lens)
+        flops = 3.5 * 4 * sum(n * (n + 1) / 2 for n in lens) * D * Hq
+        ref = None
+        if T <= 8192:
+            qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+            o64 = reference(qd, kd, vd, cu, scale)
+            ref = [o64.detach(), *torch.autograd.grad(o64, (qd, kd, vd), do.double())]
+        got = {}
+        for name, p in prims.items():
+            def fb():
+                o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
+                return [o, *p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            got[name] = fb()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            times = {}
+            for label, fn in (("fwd", lambda: p.fwd(q, k, v, cu, cu, m, m, True, scale)), ("fb", fb)):
+                fn()
+                ts = []
+                for _ in range(a.reps):
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record(); fn(); e1.record(); torch.cuda.synchronize()
+                    ts.append(e0.elapsed_time(e1))
+                times[label] = sorted(ts)[len(ts) // 2]
+            base = ref if ref is not None else [x.double() for x in got["flash"]]
+            errs = [((x.double() - r).norm() / r.norm()).item() for x, r in zip(got[name], base)]
+            err = " / ".join(f"{e:.1e}" for e in errs) + ("" if ref is not None else " (vs flash)")
+            print(f"| {'+'.join(map(str, lens))} | {name}{' (fell back)' if getattr(p, 'failed', False) else ''} "
+                  f"| {times['fwd']:.2f} | {times['fb']:.2f} | {flops / times['fb'] / 1e9:.0f} | {first:.2f} | {err} |",
+                  flush=True)
+        del q, k, v, do, got, ref
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""``moba_core.varlen.CudnnVarlen``: how a packed batch is cut between cuDNN (long sequences) and the varlen
+primitive (runs of short ones), checked on the CPU with the exact float32 primitive standing in for both
+(the cuDNN calls themselves are checked on the GPU by ``launch/cudnn_attention_check.py``)."""
+
+import math
+
+import pytest
+import torch
+
+from moba_core.varlen import CudnnVarlen, TorchVarlen
+
+
+class _Recorder(CudnnVarlen):
+    """CudnnVarlen whose cuDNN calls are the exact primitive on one sequence, recording their lengths."""
+
+    def __init__(self, min_seqlen, fail=False):
+        super().__init__(min_seqlen=min_seqlen, short=TorchVarlen(), min_step=1)  # no padding
+        self.calls, self.fail = [], fail
+
+    def _one(self, q):
+        if self.fail:
+            raise RuntimeError("cuDNN: no plan for this shape")
+        self.calls.append(q.shape[0])
+        return torch.tensor([0, q.shape[0]], dtype=torch.int32), q.shape[0]
+
+    def cudnn_fwd(self, q, k, v, scale):
+        cu, n = self._one(q)
+        return self.short.fwd(q, k, v, cu, cu, n, n, True, scale)
+
+    def cudnn_bwd(self, do, q, k, v, o, lse, scale):
+        cu, n = self._one(q)
+        return self.short.bwd(do, q, k, v, o, lse, cu, cu, n, n, True, scale)
+
+
+@pytest.mark.parametrize("lens, cudnn_lens", [
+    ([40, 7, 100, 3, 9, 64], [100, 64]),   # long ones between and after runs of short ones
+    ([70], [70]),                          # one long sequence: the whole batch
+    ([10, 0, 20, 5], []),                  # nothing long: the varlen primitive alone
+    ([64, 64, 0, 80], [64, 64, 80]),       # neighbouring long sequences, an empty one
+])
+def test_split_matches_one_varlen_call(lens, cudnn_lens):
+    torch.manual_seed(0)
+    Hq, Hkv, D = 4, 2, 16
+    T = sum(lens)
+    q = torch.randn(T, Hq, D, dtype=torch.float32)
+    k, v = (torch.randn(T, Hkv, D, dtype=torch.float32) for _ in range(2))
+    do = torch.randn(T, Hq, D, dtype=torch.float32)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    m, scale = max(lens), 1 / math.sqrt(D)
+    exact = TorchVarlen()
+    o_ref, lse_ref = exact.fwd(q, k, v, cu, cu, m, m, True, scale)
+    g_ref = exact.bwd(do, q, k, v, o_ref, lse_ref, cu, cu, m, m, True, scale)
+
+    p = _Recorder(min_seqlen=64)
+    o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
+    grads = p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+    assert p.calls == cudnn_lens * 2  # forward, then backward
+    torch.testing.assert_close(o, o_ref.to(o.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, g_ref):
+        torch.testing.assert_close(g.float(), r.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_only_causal_self_attention_goes_to_cudnn():
+    """Selected-block calls (cu_q is not cu_k, not causal) and a short max_q never reach cuDNN."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(100, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 100], dtype=torch.int32)
+    p = _Recorder(min_seqlen=64)
+    p.fwd(q, k, v, cu, cu.clone(), 100, 100, True, 0.3)
+    p.fwd(q, k, v, cu, cu, 100, 100, False, 0.3)
+    p.fwd(q, k, v, cu, cu, 50, 50, True, 0.3)  # max_q below min_seqlen: no host read of cu
+    assert p.calls == []
+    p.fwd(q, k, v, cu, cu, 100, 100, True, 0.3)
+    assert p.calls == [100]
+
+
+def test_cudnn_error_falls_back_with_one_warning():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(80, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 80], dtype=torch.int32)
+    p = _Recorder(min_seqlen=64, fail=True)
+    with pytest.warns(RuntimeWarning, match="cuDNN attention failed"):
+        o, lse = p.fwd(q, k, v, cu, cu, 80, 80, True, 0.3)
+    o_ref, _ = TorchVarlen().fwd(q, k, v, cu, cu, 80, 80, True, 0.3)
+    torch.testing.assert_close(o, o_ref)
+    assert p.failed
+    p.fail = False
+    p.fwd(q, k, v, cu, cu, 80, 80, True, 0.3)
+    assert p.calls == []  # stays on the fallback
+
+
+class _MathSdpa(CudnnVarlen):
+    """CudnnVarlen with cuDNN's two calls replaced by their math on (1, H, L, D): the padding, head repeat and
+    slicing around them run as on the GPU."""
+
+    def __init__(self, min_seqlen):
+        super().__init__(min_seqlen=min_seqlen, short=TorchVarlen(), min_step=64)
+        self.lengths = []
+
+    def _scores(self, q, k, scale):
+        L = q.shape[2]
+        s = (q.float() @ k.float().transpose(-1, -2)) * scale
+        return s.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+
+    def sdpa_fwd(self, q, k, v, scale):
+        self.lengths.append(q.shape[2])
+        s = self._scores(q, k, scale)
+        lse = torch.logsumexp(s, -1, keepdim=True)
+        return torch.exp(s - lse) @ v.float(), lse
+
+    def sdpa_bwd(self, do, q, k, v, o, lse, scale):
+        p = torch.exp(self._scores(q, k, scale) - lse)
+        ds = p * (do.float() @ v.float().transpose(-1, -2) - (do.float() * o.float()).sum(-1, keepdim=True)) * scale
+        return ds @ k.float(), ds.transpose(-1, -2) @ q.float(), p.transpose(-1, -2) @ do.float()
+
+
+def test_padded_len_bounds():
+    for n in [1, 511, 512, 513, 8191, 8192, 8193, 20000, 32769, 131071, 1048577]:
+        m = CudnnVarlen.padded_len(n)
+        assert n <= m <= n + max(511, n // 32)
+        assert m % 512 == 0
+    # 32 plan lengths per doubling above 16K (33 with the doubling's own end)
+    assert len({CudnnVarlen.padded_len(n) for n in range(16385, 32769)}) == 32
+
+
+def test_padding_and_gqa_around_cudnn_are_exact():
+    """Documents of lengths that are no multiple of the padding step, GQA: the padded cuDNN path (its math
+    standing in) gives the exact varlen output, LSE and gradients."""
+    torch.manual_seed(3)
+    lens = [1000, 30, 2000, 520]
+    Hq, Hkv, D = 4, 2, 8
+    T, m, scale = sum(lens), max(lens), 0.35
+    q = torch.randn(T, Hq, D)
+    k, v = (torch.randn(T, Hkv, D) for _ in range(2))
+    do = torch.randn(T, Hq, D)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    exact = TorchVarlen()
+    o_ref, lse_ref = exact.fwd(q, k, v, cu, cu, m, m, True, scale)
+    g_ref = exact.bwd(do, q, k, v, o_ref, lse_ref, cu, cu, m, m, True, scale)
+    p = _MathSdpa(min_seqlen=500)
+    o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
+    grads = p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+    # 1000 and 2000 padded to the next multiple of 64; 30 (short) and 520 (padding 56 > 520 / 16) went to the
+    # varlen primitive
+    assert p.lengths == [1024, 2048]
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, g_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
