@@ -1,7 +1,8 @@
 """GPU check of ``moba_core.varlen.CudnnVarlen``: cuDNN's fused attention for long causal sequences against
 PyTorch's FlashAttention-2, at the 1B model's attention shape by default (32 query / 8 KV heads, D 64, bf16).
 
-    python launch/cudnn_attention_check.py [--heads 32 --kv-heads 8 --head-dim 64] [--reps 10] [--batches 4096 3000+9000]
+    python launch/cudnn_attention_check.py [--heads 32 --kv-heads 8 --head-dim 64] [--reps 10]
+        [--batches 4096 3000+9000]
 
 Prints one table: packed batch (document lengths), primitive, fwd ms, fwd+bwd ms, TFLOP/s (causal pairs x 4 D x
 H_q x 3.5), the first call's seconds at that batch (cuDNN builds a plan per new length), and the largest
@@ -41,6 +42,56 @@ def reference(q, k, v, cu, scale):
     return torch.cat(out)
 
 
+def timed(fn, reps: int) -> float:
+    """Median ms of ``fn`` over ``reps`` CUDA-event-timed calls after one warm-up."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    return sorted(ts)[len(ts) // 2]
+
+
+def check_batch(lens, prims, Hq, Hkv, D, reps):
+    """Prints one row per primitive for the packed batch of documents ``lens``."""
+    T, m, scale = sum(lens), max(lens), 1 / math.sqrt(D)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    do = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    flops = 3.5 * 4 * sum(n * (n + 1) / 2 for n in lens) * D * Hq
+    ref = None
+    if T <= 8192:
+        qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+        o64 = reference(qd, kd, vd, cu, scale)
+        ref = [o64.detach(), *torch.autograd.grad(o64, (qd, kd, vd), do.double())]
+    got = {}
+    for name, p in prims.items():
+        def fwd(p=p):
+            return p.fwd(q, k, v, cu, cu, m, m, True, scale)
+
+        def fb(p=p):
+            o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
+            return [o, *p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)]
+
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        got[name] = fb()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        t_fwd, t_fb = timed(fwd, reps), timed(fb, reps)
+        base = ref if ref is not None else [x.double() for x in got["flash"]]
+        errs = [((x.double() - r).norm() / r.norm()).item() for x, r in zip(got[name], base)]
+        err = " / ".join(f"{e:.1e}" for e in errs) + ("" if ref is not None else " (vs flash)")
+        print(f"| {'+'.join(map(str, lens))} | {name}{' (fell back)' if getattr(p, 'failed', False) else ''} "
+              f"| {t_fwd:.2f} | {t_fb:.2f} | {flops / t_fb / 1e9:.0f} | {first:.2f} | {err} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", type=int, default=32)
@@ -51,52 +102,13 @@ def main():
     ap.add_argument("--batches", nargs="*", help="packed batches as document lengths joined by '+'")
     a = ap.parse_args()
     batches = [[int(n) for n in b.split("+")] for b in a.batches] if a.batches else BATCHES
-    Hq, Hkv, D = a.heads, a.kv_heads, a.head_dim
-    scale = 1 / math.sqrt(D)
     prims = {"flash": FlashVarlen(), "cudnn": CudnnVarlen(min_seqlen=a.min_seqlen)}
-    print(f"H_q {Hq}, H_kv {Hkv}, D {D}, bf16, {torch.cuda.get_device_name()}, cuDNN {torch.backends.cudnn.version()}")
+    print(f"H_q {a.heads}, H_kv {a.kv_heads}, D {a.head_dim}, bf16, {torch.cuda.get_device_name()}, "
+          f"cuDNN {torch.backends.cudnn.version()}")
     print("| documents | primitive | fwd ms | fwd+bwd ms | TFLOP/s | first call s | rel. err o / dq / dk / dv |")
     print("|---|---|---|---|---|---|---|")
     for lens in batches:
-        T = sum(lens)
-        g = torch.Generator(device="cuda").manual_seed(T)
-        q = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k, v = (torch.randn(T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-        do = torch.randn(T, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
-        m = max(lens)
-        flops = 3.5 * 4 * sum(n * (n + 1) / 2 for n in lens) * D * Hq
-        ref = None
-        if T <= 8192:
-            qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
-            o64 = reference(qd, kd, vd, cu, scale)
-            ref = [o64.detach(), *torch.autograd.grad(o64, (qd, kd, vd), do.double())]
-        got = {}
-        for name, p in prims.items():
-            def fb():
-                o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
-                return [o, *p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)]
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            got[name] = fb()
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            times = {}
-            for label, fn in (("fwd", lambda: p.fwd(q, k, v, cu, cu, m, m, True, scale)), ("fb", fb)):
-                fn()
-                ts = []
-                for _ in range(a.reps):
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record(); fn(); e1.record(); torch.cuda.synchronize()
-                    ts.append(e0.elapsed_time(e1))
-                times[label] = sorted(ts)[len(ts) // 2]
-            base = ref if ref is not None else [x.double() for x in got["flash"]]
-            errs = [((x.double() - r).norm() / r.norm()).item() for x, r in zip(got[name], base)]
-            err = " / ".join(f"{e:.1e}" for e in errs) + ("" if ref is not None else " (vs flash)")
-            print(f"| {'+'.join(map(str, lens))} | {name}{' (fell back)' if getattr(p, 'failed', False) else ''} "
-                  f"| {times['fwd']:.2f} | {times['fb']:.2f} | {flops / times['fb'] / 1e9:.0f} | {first:.2f} | {err} |",
-                  flush=True)
-        del q, k, v, do, got, ref
+        check_batch(lens, prims, a.heads, a.kv_heads, a.head_dim, a.reps)
         torch.cuda.empty_cache()
 
 
