@@ -78,8 +78,8 @@ def moba_routing(q, k, lens, block_size: int, top_k: int, group_routing: bool, d
 
 def dense_primitives(q: torch.Tensor):
     """The varlen primitive pair whose forward output and LSE the dense prefixes save for the backward:
-    FlashAttention's or cuDNN's (``moba_core.varlen.CudnnVarlen``) where they run (CUDA, fp16 / bf16), else None (the prefixes are recomputed in the
-    backward: the exact float32 primitives hold O(rows x keys) memory)."""
+    FlashAttention's or cuDNN's (``moba_core.varlen.CudnnVarlen``) where they run (CUDA, fp16 / bf16), else None
+    (the prefixes are recomputed in the backward: the exact float32 primitives hold O(rows x keys) memory)."""
     prims = varlen_primitives(q.device, q.dtype, q.shape[-1])
     return prims if isinstance(prims, FlashVarlen) else None
 
