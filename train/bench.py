@@ -4,20 +4,23 @@ full attention, on long documents, up to the longest context that trains.
     python -m train.bench                                   # the default points, one GPU
     python -m train.bench --points 1048576:512:8@sp2        # one sequence over two GPUs (sequence parallel)
     python -m train.bench --points 32768:full,32768:512:8 --steps 6 -- model.fused_ops=false
+    python -m train.bench --points 32768:full@nockpt        # without activation checkpointing
 
 A point is ``SEQ_LEN:full`` or ``SEQ_LEN:BLOCK:TOP_K`` (MoBA in every layer), with ``@spN`` for one sequence
-over N GPUs. Every point is one ``python -m torch.distributed.run -m train`` run of the real loop (data,
-DeepSpeed step, logging) of ``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long
-documents) with ``BASE_OVERRIDES`` (activation checkpointing, no checkpoint written) and the overrides
+over N GPUs and ``@nockpt`` for a run without activation checkpointing (which the others use). Every point is
+one ``python -m torch.distributed.run -m train`` run of the real loop (data, DeepSpeed step, logging) of
+``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long documents) with ``BASE_OVERRIDES``
+(no checkpoint written) and the overrides
 after ``--`` (which may not set what a point, ``--steps``, ``--model`` or ``--documents`` fixes: ``POINT_KEYS``).
 Tokens/s, step time and MFU are medians over the steps after the first two (compilation, warm-up); memory is
 the peak of the run. A run that fails (out of memory included) is a row with ``ok: false``.
 
 Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
 rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
-moba), ``moba`` ("512:8" or null), ``gpus``, ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib``, ``ok``,
-``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``: the last step's wall, idle and
-per-part GPU time, ``train.profiling``), where rows of the same (seq_len, attention, moba, gpus) are
+moba), ``moba`` ("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it
+existed: true), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib``, ``ok``, ``error``, ``losses``, ``gpu``,
+``date``; with ``--profile`` also ``profile_ms``: the last step's wall, idle and per-part GPU time,
+``train.profiling``), where rows of the same (seq_len, attention, moba, gpus, activation_checkpointing) are
 replaced and the others kept, so one-GPU and two-GPU runs add up. Each point's run directory under
 ``--run-root`` is replaced, so reruns into the same root work.
 """
@@ -37,39 +40,53 @@ import sys
 from pathlib import Path
 
 MARK_BEGIN, MARK_END = "<!-- train-bench:begin -->", "<!-- train-bench:end -->"
-DEFAULT_POINTS = ("32768:full,32768:512:8,32768:4096:12,131072:full,131072:512:8,131072:4096:12,"
-                  "262144:512:8,524288:512:8,1048576:512:8")
+DEFAULT_POINTS = ("32768:full,32768:512:8,32768:4096:12,32768:full@nockpt,32768:512:8@nockpt,"
+                  "131072:full,131072:512:8,131072:4096:12,262144:512:8,524288:512:8,1048576:512:8")
 # The 1B Llama shape on long documents; lr 3e-4 warmed up over all the benchmark's steps (a fresh 1B model
 # at 1e-3 after two warm-up steps jumps from loss 8 to 11).
-BASE_OVERRIDES = ["data.packing=concat", "train.micro_batch_size=1",
-                  "train.grad_accum=1", "train.activation_checkpointing=true", "parallel.zero_stage=0",
+BASE_OVERRIDES = ["data.packing=concat", "train.micro_batch_size=1", "train.grad_accum=1", "parallel.zero_stage=0",
                   "optim.lr=3e-4", "checkpoint.enabled=false", "checkpoint.export_hf=false",
                   "logging.wandb.mode=disabled", "train.eval_every=0", "train.eval_batches=1"]
 
 
 def parse_point(text: str) -> dict:
-    """``SEQ_LEN:full`` | ``SEQ_LEN:BLOCK:TOP_K``, optionally ``@spN`` -> ``{seq_len, attention, moba, gpus}``.
+    """``SEQ_LEN:full`` | ``SEQ_LEN:BLOCK:TOP_K``, optionally ``@spN`` and ``@nockpt`` -> ``{seq_len, attention,
+    moba, gpus, activation_checkpointing}``.
 
     Raises:
         ValueError: naming the point when it is not of that form.
     """
-    body, _, sp = text.strip().partition("@")
+    body, *tags = text.strip().split("@")
     parts = body.split(":")
     try:
-        gpus = int(sp[2:]) if sp else 1
-        if sp and not sp.startswith("sp") or gpus < 1:
+        sp = [t for t in tags if t.startswith("sp")]
+        gpus = int(sp[0][2:]) if sp else 1
+        if len(sp) > 1 or gpus < 1 or len(tags) != len(set(tags)) or set(tags) - set(sp) - {"nockpt"}:
             raise ValueError
-        seq_len = int(parts[0])
+        p = {"seq_len": int(parts[0]), "gpus": gpus, "activation_checkpointing": "nockpt" not in tags}
         if parts[1:] == ["full"]:
-            return {"seq_len": seq_len, "attention": "full", "moba": None, "gpus": gpus}
+            return {**p, "attention": "full", "moba": None}
         block, top_k = (int(x) for x in parts[1:])
-        return {"seq_len": seq_len, "attention": "moba", "moba": f"{block}:{top_k}", "gpus": gpus}
+        return {**p, "attention": "moba", "moba": f"{block}:{top_k}"}
     except ValueError:
-        raise ValueError(f"--points: {text!r} is not SEQ_LEN:full or SEQ_LEN:BLOCK:TOP_K (optionally @spN)") from None
+        raise ValueError(f"--points: {text!r} is not SEQ_LEN:full or SEQ_LEN:BLOCK:TOP_K (optionally @spN, "
+                         "@nockpt)") from None
+
+
+def row_key(r: dict) -> tuple:
+    """What names a point's row: (seq_len, attention, moba, gpus, activation_checkpointing); rows written before
+    the last field existed ran with checkpointing."""
+    return r["seq_len"], r["attention"], r["moba"], r["gpus"], r.get("activation_checkpointing", True)
+
+
+def point_label(r: dict) -> str:
+    """The attention column of the tables: "full" or "MoBA 512:8", and "(no ckpt)" without checkpointing."""
+    return (f"MoBA {r['moba']}" if r["moba"] else "full") + ("" if row_key(r)[4] else " (no ckpt)")
 
 
 def point_name(p: dict) -> str:
-    return f"{p['seq_len']}_{p['moba'].replace(':', '-') if p['moba'] else 'full'}_sp{p['gpus']}"
+    return (f"{p['seq_len']}_{p['moba'].replace(':', '-') if p['moba'] else 'full'}_sp{p['gpus']}"
+            + ("" if row_key(p)[4] else "_nockpt"))
 
 
 def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package",
@@ -78,7 +95,8 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
     ``torch.profiler`` (``train.profile_step``)."""
     out = [f"model={model}", f"data.documents={documents}", *BASE_OVERRIDES, f"data.seq_len={p['seq_len']}",
            f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
-           "moba.full_attn_layers=[]", f"train.profile_step={steps if profile else 0}"]
+           f"train.activation_checkpointing={str(row_key(p)[4]).lower()}", "moba.full_attn_layers=[]",
+           f"train.profile_step={steps if profile else 0}"]
     if p["attention"] == "full":
         return [*out, "schedule=full"]
     block, top_k = p["moba"].split(":")
@@ -89,7 +107,8 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
 # point's own values, and the row would name a run that did not happen.
 POINT_KEYS = {"data.seq_len": "--points", "moba.block_size": "--points", "moba.top_k": "--points",
               "moba.full_attn_layers": "--points", "moba.layers": "--points", "parallel.sp_size": "--points (@spN)",
-              "schedule": "--points", "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents",
+              "schedule": "--points", "train.activation_checkpointing": "--points (@nockpt)",
+              "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents",
               "train.profile_step": "--profile"}
 
 
@@ -184,16 +203,16 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
 def table(results: list[dict], command: str, gpu: str) -> str:
     """The markdown section: one row per point, and MoBA's step-time speed-up over full attention at the
     same length and GPU count."""
-    full = {(r["seq_len"], r["gpus"]): r for r in results if r["ok"] and r["attention"] == "full"}
+    full = {(r["seq_len"], r["gpus"], row_key(r)[4]): r for r in results if r["ok"] and r["attention"] == "full"}
     lines = [f"Training benchmark, {datetime.date.today()}, {gpu}: `{command}`", "",
              "| seq_len | GPUs | attention | tokens/s | step s | vs full | MFU | peak GiB | losses (first 3) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        attn = f"MoBA {r['moba']}" if r["moba"] else "full"
+        attn = point_label(r)
         if not r["ok"]:
             lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | failed: {r['error']} | | | | | |")
             continue
-        f = full.get((r["seq_len"], r["gpus"]))
+        f = full.get((r["seq_len"], r["gpus"], row_key(r)[4]))
         speed = f"{f['step_s'] / r['step_s']:.2f}x" if f and r["moba"] else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         losses = ", ".join(f"{x:.3f}" for x in r["losses"][:3])
@@ -212,8 +231,8 @@ def table(results: list[dict], command: str, gpu: str) -> str:
             pm = r["profile_ms"]
             busy = sum(pm[c] for c in CATEGORIES) or 1.0
             cells = " | ".join(f"{pm[c]:.0f} ({100 * pm[c] / busy:.0f}%)" for c in CATEGORIES)
-            attn = f"MoBA {r['moba']}" if r["moba"] else "full"
-            lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | {pm['wall']:.0f} | {cells} | {pm['idle']:.0f} |")
+            lines.append(f"| {r['seq_len']} | {r['gpus']} | {point_label(r)} | {pm['wall']:.0f} | {cells} | "
+                         f"{pm['idle']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,14 +249,11 @@ def replace_marked_section(path: Path, begin: str, end: str, text: str, heading:
 
 
 def merge_json(path: Path, rows: list[dict]) -> list[dict]:
-    """``path``'s rows with those of the same (seq_len, attention, moba, gpus) replaced by ``rows``."""
-    def key(r):
-        return (r["seq_len"], r["attention"], r["moba"], r["gpus"])
-
+    """``path``'s rows with those of the same ``row_key`` replaced by ``rows``."""
     old = json.loads(path.read_text()) if path.exists() else []
-    new_keys = {key(r) for r in rows}
-    merged = [r for r in old if key(r) not in new_keys] + rows
-    merged.sort(key=lambda r: (r["gpus"], r["seq_len"], r["attention"] == "moba", r["moba"] or ""))
+    new_keys = {row_key(r) for r in rows}
+    merged = [r for r in old if row_key(r) not in new_keys] + rows
+    merged.sort(key=lambda r: (r["gpus"], r["seq_len"], not row_key(r)[4], r["attention"] == "moba", r["moba"] or ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     return merged

@@ -11,9 +11,14 @@ from .conftest import SMALL, small_data_args
 
 
 def test_points_parse_and_name_their_overrides():
-    assert parse_point("32768:full") == {"seq_len": 32768, "attention": "full", "moba": None, "gpus": 1}
-    assert parse_point("1048576:512:8@sp2") == {"seq_len": 1048576, "attention": "moba", "moba": "512:8", "gpus": 2}
-    for bad in ("32768", "32768:512", "x:full", "32768:full@dp2", "32768:512:8:1"):
+    assert parse_point("32768:full") == {"seq_len": 32768, "attention": "full", "moba": None, "gpus": 1,
+                                         "activation_checkpointing": True}
+    assert parse_point("1048576:512:8@sp2") == {"seq_len": 1048576, "attention": "moba", "moba": "512:8", "gpus": 2,
+                                                "activation_checkpointing": True}
+    assert parse_point("32768:512:8@nockpt@sp2") == {**parse_point("32768:512:8@sp2"),
+                                                     "activation_checkpointing": False}
+    for bad in ("32768", "32768:512", "x:full", "32768:full@dp2", "32768:512:8:1", "32768:full@sp2@sp2",
+                "32768:full@nockpt@nockpt", "32768:full@ckpt"):
         with pytest.raises(ValueError, match=f"--points: '{bad}' is not SEQ_LEN:full"):
             parse_point(bad)
     o = point_overrides(parse_point("4096:256:4@sp2"), 5)
@@ -21,6 +26,8 @@ def test_points_parse_and_name_their_overrides():
     assert {"data.seq_len=4096", "train.max_steps=5", "optim.warmup_steps=5", "parallel.sp_size=2", "schedule=moba",
             "moba.block_size=256", "moba.top_k=4", "checkpoint.enabled=false"} <= set(o)
     assert "schedule=full" in point_overrides(parse_point("4096:full"), 5)
+    assert "train.activation_checkpointing=true" in o
+    assert "train.activation_checkpointing=false" in point_overrides(parse_point("4096:full@nockpt"), 5)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -30,6 +37,8 @@ def test_points_parse_and_name_their_overrides():
     pytest.param(["--", "+schedule.reverse=true"], "own schedule.reverse: set it with --points", id="schedule"),
     pytest.param(["--", "model=tiny"], "own model: set it with --model", id="model"),
     pytest.param(["--", "train.max_steps=9"], "own train.max_steps: set it with --steps", id="steps-key"),
+    pytest.param(["--", "train.activation_checkpointing=false"], "own train.activation_checkpointing: set it with "
+                 "--points (@nockpt)", id="checkpointing"),
     pytest.param(["--steps", "0"], "--steps 0 must be >= 1", id="steps"),
     pytest.param(["--points", " , "], "--points ' , ' names no point", id="no-point"),
     pytest.param(["--points", "256:full,256:32:2,256:full"], "names a point twice", id="twice"),
@@ -42,8 +51,8 @@ def test_bad_arguments_stop_before_any_run(tmp_path, capsys, args, message):
     assert main([*base, *args]) == 2
     assert message in capsys.readouterr().err
     assert not root.exists() and not md.exists() and not js.exists()
-    check_extra(["model.fused_ops=false", "model.num_layers=2", "train.activation_checkpointing=false",
-                 "moba.backend=flash", "data.path=x"])  # settings a point leaves open pass
+    # settings a point leaves open pass
+    check_extra(["model.fused_ops=false", "model.num_layers=2", "moba.backend=flash", "data.path=x"])
 
 
 def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
@@ -53,6 +62,12 @@ def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
     merge_json(f, [row, two])
     merge_json(f, [{**row, "tokens_per_s": 3.0}])
     assert sorted((r["gpus"], r["tokens_per_s"]) for r in json.loads(f.read_text())) == [(1, 3.0), (2, 5.0)]
+    # a run without activation checkpointing is its own row; a row without the field ran with checkpointing
+    merge_json(f, [{**row, "activation_checkpointing": False, "tokens_per_s": 7.0}])
+    merge_json(f, [{**row, "activation_checkpointing": True, "tokens_per_s": 4.0}])
+    rows = json.loads(f.read_text())
+    got = sorted((r["gpus"], r.get("activation_checkpointing", True), r["tokens_per_s"]) for r in rows)
+    assert got == [(1, False, 7.0), (1, True, 4.0), (2, True, 5.0)]
 
 
 def test_summary_of_metrics_rows_hand_worked():
