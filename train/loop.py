@@ -28,16 +28,15 @@ from .metrics import MetricsLogger
 from .model import (
     IGNORE_INDEX,
     PackedCausalLM,
-    apply_fused_ops,
     attended_keys,
     build_model,
     check_tokenizer_fits,
-    compile_layers,
     count_params,
     fused_ops_enabled,
     model_shape,
     model_type_of,
     peak_flops,
+    prepare_layers,
     step_flops,
 )
 from .preemption import PreemptionFlag, restore_signal_handlers
@@ -233,15 +232,11 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         moba_layer_ids = apply_moba(lm, moba_cfg, name=name, fn=fn)
     else:
         moba_layer_ids = apply_moba(lm, moba_cfg)
-    if fused_ops:
-        apply_fused_ops(lm)
-    if cfg.model.compile:
-        compile_layers(lm)
+    ops_done = prepare_layers(lm, fused_ops, cfg.model.compile)
     if cfg.train.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens, fused_loss=fused_ops)
-    log.info("model ops: %s%s", "Liger-Kernel fused (RMSNorm, RoPE, SwiGLU, linear + cross-entropy)" if fused_ops
-             else "PyTorch (unfused)", ", decoder layers compiled" if cfg.model.compile else "")
+    log.info("model ops: %s", ops_done)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     o = cfg.optim

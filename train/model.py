@@ -362,6 +362,26 @@ def compile_layers(lm: nn.Module) -> int:
     return len(layers)
 
 
+def prepare_layers(lm: nn.Module, fused_ops: bool, compile: bool) -> str:
+    """Apply ``model.fused_ops`` and ``model.compile`` to ``lm`` in place; returns what was done, for the log.
+
+    With both on, the decoder layers are compiled without Liger-Kernel's RMSNorm / RoPE / SwiGLU inside them:
+    dynamo fails tracing Liger's autograd Functions there (an AssertionError in ``overwrite_tensor_vt_proxy`` at
+    ``LigerRMSNormFunction.apply``, torch 2.13 on an H200), and the compiler fuses those ops itself. The fused
+    linear + cross-entropy (outside the layers, ``PackedCausalLM(fused_loss=True)``) stays.
+    """
+    if fused_ops and not compile:
+        apply_fused_ops(lm)
+    if compile:
+        compile_layers(lm)
+    if fused_ops and compile:
+        return ("decoder layers compiled (RMSNorm, RoPE, SwiGLU fused by torch.compile); Liger-Kernel linear + "
+                "cross-entropy")
+    if fused_ops:
+        return "Liger-Kernel fused (RMSNorm, RoPE, SwiGLU, linear + cross-entropy)"
+    return "PyTorch (unfused)" + (", decoder layers compiled" if compile else "")
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies by Liger-Kernel's fused linear + cross-entropy (the logits are made and
     consumed chunk by chunk inside the kernel, never for the whole sequence). Shapes and result as

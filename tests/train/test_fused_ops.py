@@ -22,6 +22,7 @@ from train.model import (  # noqa: E402
     apply_fused_ops,
     compile_layers,
     fused_ops_enabled,
+    prepare_layers,
 )
 
 pytest.importorskip("liger_kernel")
@@ -92,6 +93,22 @@ def test_compiled_layers_equal_eager_and_keep_parameter_names():
     torch.testing.assert_close(tb, ta, rtol=1e-5, atol=1e-5)
     for k in ga:
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compile_with_fused_ops_keeps_liger_out_of_the_layers():
+    """model.compile with model.fused_ops: dynamo failed on Liger's RMSNorm Function inside a compiled layer on an
+    H200, so the compiled layers keep PyTorch's ops (the compiler fuses them); without compile they are Liger's."""
+    def liger_modules(m):  # Liger patches the instances' forward methods
+        names = {getattr(x.forward, "__qualname__", "").split(".")[0] for x in m.modules()}
+        return sorted(n for n in names if n.startswith("Liger"))
+
+    a, b = twin_models()
+    assert "Liger-Kernel fused" in prepare_layers(a, fused_ops=True, compile=False)
+    assert liger_modules(a.model.layers) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+    assert "compiled" in prepare_layers(b, fused_ops=True, compile=True)
+    assert liger_modules(b) == []
+    (tb, *_), _ = loss_and_grads(PackedCausalLM(b, fused_loss=True), packed_batch())
+    assert torch.isfinite(tb)
 
 
 def test_fused_ops_setting(monkeypatch):
