@@ -198,6 +198,8 @@ class CudnnVarlen(FlashVarlen):
         offsets on the host (one sync) only when ``max_q`` allows a long sequence."""
         if self.failed or not causal or cu_q is not cu_k or cu_q.numel() < 2 or max_q < self.min_seqlen:
             return None
+        if torch.are_deterministic_algorithms_enabled():  # PyTorch refuses cuDNN attention's backward there
+            return None
         b = cu_q.tolist()
         long_seq = [self.use_cudnn(e - s) for s, e in zip(b[:-1], b[1:])]
         if not any(long_seq):
@@ -324,11 +326,12 @@ class CudnnVarlen(FlashVarlen):
 
 
 def cudnn_attention_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether ``CudnnVarlen`` is used: CUDA on Hopper or newer (where it was measured faster), fp16 / bf16,
-    head dim a multiple of 8 up to 128, cuDNN present, and ``MOBA_CUDNN_ATTENTION`` not "0"."""
+    """Whether ``CudnnVarlen`` is used: CUDA on Hopper or newer, fp16 / bf16, head dim 64 or 128 (where it was
+    measured: faster than FlashAttention-2 at 64, PyTorch's own SDPA choice at 128), cuDNN present, and
+    ``MOBA_CUDNN_ATTENTION`` not "0"."""
     if os.environ.get("MOBA_CUDNN_ATTENTION", "1") == "0" or device.type != "cuda":
         return False
-    if dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 128:
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
         return False
     if not torch.backends.cudnn.is_available() or not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"):
         return False

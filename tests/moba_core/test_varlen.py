@@ -148,3 +148,35 @@ def test_padding_and_gqa_around_cudnn_are_exact():
     torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, g_ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_deterministic_mode_keeps_cudnn_out():
+    q, k, v = (torch.randn(100, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 100], dtype=torch.int32)
+    p = _Recorder(min_seqlen=64)
+    torch.use_deterministic_algorithms(True)
+    try:
+        p.fwd(q, k, v, cu, cu, 100, 100, True, 0.3)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert p.calls == []
+    p.fwd(q, k, v, cu, cu, 100, 100, True, 0.3)
+    assert p.calls == [100]
+
+
+def test_cudnn_used_only_where_measured(monkeypatch):
+    from moba_core.varlen import cudnn_attention_usable
+
+    cpu = torch.device("cpu")
+    assert not cudnn_attention_usable(cpu, torch.bfloat16, 64)  # no GPU, no cuDNN attention
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    assert cudnn_attention_usable(gpu, torch.bfloat16, 64) and cudnn_attention_usable(gpu, torch.float16, 128)
+    assert not cudnn_attention_usable(gpu, torch.float32, 64)
+    assert not cudnn_attention_usable(gpu, torch.bfloat16, 96)
+    monkeypatch.setenv("MOBA_CUDNN_ATTENTION", "0")
+    assert not cudnn_attention_usable(gpu, torch.bfloat16, 64)
+    monkeypatch.delenv("MOBA_CUDNN_ATTENTION")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not cudnn_attention_usable(gpu, torch.bfloat16, 64)  # Ampere: not measured, FlashAttention-2
