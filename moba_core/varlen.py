@@ -198,7 +198,7 @@ class CudnnVarlen(FlashVarlen):
         offsets on the host (one sync) only when ``max_q`` allows a long sequence."""
         if self.failed or not causal or cu_q is not cu_k or cu_q.numel() < 2 or max_q < self.min_seqlen:
             return None
-        if torch.are_deterministic_algorithms_enabled():  # PyTorch refuses cuDNN attention's backward there
+        if torch.are_deterministic_algorithms_enabled():  # cuDNN's backward is not documented as deterministic
             return None
         b = cu_q.tolist()
         long_seq = [self.use_cudnn(e - s) for s, e in zip(b[:-1], b[1:])]
