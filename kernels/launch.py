@@ -75,6 +75,7 @@ class _Bound:
 
 
 _BOUND: dict[int, _Bound] = {}
+STATS = {"direct": 0, "triton": 0}  # launches since import with fast launch on: direct hits, Triton's own path
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -98,8 +99,10 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     key = (device, *bound.key(values, options))
     compiled = bound.cache.get(key)
     if compiled is None:
+        STATS["triton"] += 1
         bound.cache[key] = kernel[grid](*args, **kwargs)  # Triton's path: compiles or finds, launches, returns
         return
+    STATS["direct"] += 1
     from triton import knobs
 
     g = tuple(grid) + (1,) * (3 - len(grid))

@@ -3,8 +3,9 @@ the fwd+bwd time (CUDA events) and host time per call of both, at short points w
 
     python launch/fast_launch_check.py [--points 8192:512:3 8192:128:8 ...] [--reps 30]
 
-Prints a table: point, fast launch off / on, fwd+bwd ms, host ms (median), and for "on" the largest
-absolute difference from "off" in o, dq, dk, dv (bf16; dQ of blocks up to 256 keys is summed with atomics,
+Prints a table: point, fast launch off / on, fwd+bwd ms, host ms (median), and for "on" the launches per
+call that went direct and through Triton's path (``kernels.launch.STATS``) and the largest absolute difference
+from "off" in o, dq, dk, dv (bf16; dQ of blocks up to 256 keys is summed with atomics,
 so it may differ in its last bits).
 """
 
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels import launch as launch_stats  # noqa: E402
 from moba_core import moba_attention  # noqa: E402
 from train.bench_kernels import parse_point  # noqa: E402
 
@@ -26,7 +28,8 @@ HEADS, HEAD_DIM = 16, 128
 
 
 def run(nseq: int, L: int, bs: int, top_k: int, fast: str, reps: int):
-    """(median fwd+bwd ms, median host ms, [o, dq, dk, dv] of one call) with MOBA_FAST_LAUNCH=fast."""
+    """(median fwd+bwd ms, median host ms, [o, dq, dk, dv] of one call, (direct, Triton-path) launches per call)
+    with MOBA_FAST_LAUNCH=fast."""
     os.environ["MOBA_FAST_LAUNCH"] = fast
     g = torch.Generator(device="cuda").manual_seed(0)
     T = nseq * L
@@ -45,6 +48,7 @@ def run(nseq: int, L: int, bs: int, top_k: int, fast: str, reps: int):
     q.grad = k.grad = v.grad = None
     out = [fb().detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
     torch.cuda.synchronize()
+    before = dict(launch_stats.STATS)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -56,7 +60,8 @@ def run(nseq: int, L: int, bs: int, top_k: int, fast: str, reps: int):
         torch.cuda.synchronize()
         times.append((a.elapsed_time(b), (h1 - h0) * 1e3))
     mid = len(times) // 2
-    return sorted(t[0] for t in times)[mid], sorted(t[1] for t in times)[mid], out
+    per_call = tuple((launch_stats.STATS[k] - before[k]) / reps for k in ("direct", "triton"))
+    return sorted(t[0] for t in times)[mid], sorted(t[1] for t in times)[mid], out, per_call
 
 
 def main(argv=None) -> int:
@@ -67,15 +72,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: needs a CUDA device", file=sys.stderr)
         return 2
-    print("| point | fast launch | fwd+bwd ms | host ms | max abs diff vs off (o, dq, dk, dv) |")
-    print("|---|---|---|---|---|")
+    print("| point | fast launch | fwd+bwd ms | host ms | direct / Triton launches per call | "
+          "max abs diff vs off (o, dq, dk, dv) |")
+    print("|---|---|---|---|---|---|")
     for text in args.points:
         nseq, L, bs, top_k = parse_point(text)
         off = run(nseq, L, bs, top_k, "0", args.reps)
         on = run(nseq, L, bs, top_k, "1", args.reps)
         diff = ", ".join(f"{float((a.float() - b.float()).abs().max()):.1e}" for a, b in zip(off[2], on[2]))
-        print(f"| {text} | off | {off[0]:.2f} | {off[1]:.2f} | |")
-        print(f"| {text} | on | {on[0]:.2f} | {on[1]:.2f} | {diff} |", flush=True)
+        print(f"| {text} | off | {off[0]:.2f} | {off[1]:.2f} | | |")
+        print(f"| {text} | on | {on[0]:.2f} | {on[1]:.2f} | {on[3][0]:.0f} / {on[3][1]:.0f} | {diff} |", flush=True)
     return 0
 
 

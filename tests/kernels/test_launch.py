@@ -36,6 +36,7 @@ def fast(monkeypatch):
     monkeypatch.setattr(L, "fast_launch_enabled", lambda: True)
     monkeypatch.setattr(L, "current_stream", lambda: (0, 1234))
     L._BOUND.clear()
+    monkeypatch.setattr(L, "STATS", {"direct": 0, "triton": 0})
     yield
     L._BOUND.clear()
 
@@ -47,6 +48,7 @@ def test_repeat_goes_to_the_launcher_with_every_argument_in_signature_order(fast
     assert len(k.slow) == 1 and not k.runs  # the first call: Triton's own path
     L.launch(k, (3, 2), x, y, 32, 0.5, BLOCK=32, num_warps=4)
     assert len(k.slow) == 1 and len(k.runs) == 1
+    assert L.STATS == {"direct": 1, "triton": 1}
     run = k.runs[0]
     assert run[:7] == (3, 2, 1, 1234, "fn", "meta", None)  # grid padded to 3, stream, function, metadata
     assert run[9:] == (x, y, 32, 0.5, 8, 32, False)  # positional, keyword, defaults; num_warps is not a parameter
