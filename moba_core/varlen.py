@@ -178,7 +178,8 @@ class CudnnVarlen(FlashVarlen):
     cut into those sequences, one cuDNN call each, and the runs of other sequences between them, one ``short``
     varlen call each (views, no gather). Calls that are not causal self-attention (``cu_q is not cu_k``: MoBA's
     selected blocks) and batches without such a sequence go to ``short`` unchanged. A cuDNN error (an
-    unsupported shape) warns once and sends everything to ``short`` for the rest of the process.
+    unsupported shape) warns once and sends everything to ``short`` for the rest of the process; running out of
+    memory is raised as it is (a caller that catches it, as ``train.bench_kernels`` does per cell, keeps cuDNN).
     ``MOBA_CUDNN_ATTENTION=0`` turns cuDNN off; ``MOBA_CUDNN_MIN_SEQLEN`` sets ``min_seqlen``.
     """
 
@@ -297,6 +298,8 @@ class CudnnVarlen(FlashVarlen):
                     out, l_ = self.short.fwd(q[s:e], k[s:e], v[s:e], cu, cu, m, m, True, scale)
                 o[s:e] = out
                 lse[:, s:e] = l_
+        except torch.OutOfMemoryError:
+            raise  # not a cuDNN limitation: falling back would turn cuDNN off for the rest of the process
         except RuntimeError as err:
             self._fallback(err)
             return self.short.fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
@@ -319,6 +322,8 @@ class CudnnVarlen(FlashVarlen):
                     m = max(b[n + 1] - b[n] for n in range(i, j))
                     g = self.short.bwd(*rows[:5], rows[5].contiguous(), cu, cu, m, m, True, scale)
                 dq[s:e], dk[s:e], dv[s:e] = g
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as err:
             self._fallback(err)
             return self.short.bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale)

@@ -19,7 +19,7 @@ class _Recorder(CudnnVarlen):
 
     def _one(self, q):
         if self.fail:
-            raise RuntimeError("cuDNN: no plan for this shape")
+            raise self.fail if isinstance(self.fail, BaseException) else RuntimeError("cuDNN: no plan for this shape")
         self.calls.append(q.shape[0])
         return torch.tensor([0, q.shape[0]], dtype=torch.int32), q.shape[0]
 
@@ -88,6 +88,28 @@ def test_cudnn_error_falls_back_with_one_warning():
     p.fail = False
     p.fwd(q, k, v, cu, cu, 80, 80, True, 0.3)
     assert p.calls == []  # stays on the fallback
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_out_of_memory_is_raised_and_keeps_cudnn(direction):
+    """Running out of memory inside the split is no cuDNN limitation: it propagates (a caller such as
+    train.bench_kernels catches it and goes on) and cuDNN stays on for later calls, not silently replaced by
+    FlashAttention-2 for the rest of the process."""
+    torch.manual_seed(2)
+    q, k, v, do = (torch.randn(80, 2, 8) for _ in range(4))
+    cu = torch.tensor([0, 80], dtype=torch.int32)
+    p = _Recorder(min_seqlen=64)
+    o, lse = p.fwd(q, k, v, cu, cu, 80, 80, True, 0.3)
+    p.fail = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError):
+        if direction == "fwd":
+            p.fwd(q, k, v, cu, cu, 80, 80, True, 0.3)
+        else:
+            p.bwd(do, q, k, v, o, lse, cu, cu, 80, 80, True, 0.3)
+    assert not p.failed
+    p.fail = False
+    p.fwd(q, k, v, cu, cu, 80, 80, True, 0.3)
+    assert p.calls == [80, 80]  # cuDNN again after the out-of-memory error
 
 
 class _MathSdpa(CudnnVarlen):
