@@ -118,7 +118,7 @@ class _MathSdpa(CudnnVarlen):
 
     def __init__(self, min_seqlen):
         super().__init__(min_seqlen=min_seqlen, short=TorchVarlen(), min_step=64)
-        self.lengths = []
+        self.lengths, self.bwd_lengths = [], []
 
     def _scores(self, q, k, scale):
         L = q.shape[2]
@@ -132,6 +132,7 @@ class _MathSdpa(CudnnVarlen):
         return torch.exp(s - lse) @ v.float(), lse
 
     def sdpa_bwd(self, do, q, k, v, o, lse, scale):
+        self.bwd_lengths.append(q.shape[2])
         p = torch.exp(self._scores(q, k, scale) - lse)
         ds = p * (do.float() @ v.float().transpose(-1, -2) - (do.float() * o.float()).sum(-1, keepdim=True)) * scale
         return ds @ k.float(), ds.transpose(-1, -2) @ q.float(), p.transpose(-1, -2) @ do.float()
@@ -168,6 +169,34 @@ def test_padding_and_gqa_around_cudnn_are_exact():
     assert p.lengths == [1024, 2048]
     torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, g_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lens, Hkv, cudnn_lens", [
+    ([0, 250, 0, 0], 4, [256]),                     # one long document between empty ones, no GQA
+    ([30, 0, 250, 0, 5, 192, 0], 2, [256, 192]),    # short runs with empty documents, 2 query heads per KV head
+    ([256, 256], 1, [256, 256]),                    # all long, 4 query heads per KV head
+])
+def test_padded_backward_with_a_merged_lse(lens, Hkv, cudnn_lens):
+    """The backward given another O and LSE than its forward's (MoBA's flash backend passes the merged ones) and
+    non-contiguous ones, with empty documents at the ends and between, through the padded cuDNN path (its math
+    standing in): the exact varlen gradients for that O and LSE."""
+    torch.manual_seed(4)
+    Hq, D, scale = 4, 8, 0.35
+    T, m = sum(lens), max(lens)
+    q, do = torch.randn(T, Hq, D), torch.randn(T, Hq, D)
+    k, v = (torch.randn(T, Hkv, D) for _ in range(2))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64)
+    exact = TorchVarlen()
+    o_own, lse_own = exact.fwd(q, k, v, cu, cu, m, m, True, scale)
+    lse = torch.logaddexp(lse_own, torch.randn(Hq, T))  # another part's keys merged in
+    o = o_own * torch.exp(lse_own - lse).t()[..., None] + 0.1 * torch.randn(T, Hq, D)
+    lse, o = lse.t().contiguous().t(), o.transpose(0, 1).contiguous().transpose(0, 1)
+    g_ref = exact.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+    p = _MathSdpa(min_seqlen=100)
+    grads = p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+    assert p.bwd_lengths == cudnn_lens
     for g, r in zip(grads, g_ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
