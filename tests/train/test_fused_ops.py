@@ -28,6 +28,17 @@ from train.model import (  # noqa: E402
 pytest.importorskip("liger_kernel")
 
 
+@pytest.fixture(autouse=True)
+def restore_llama_module(monkeypatch):
+    """Liger-Kernel patches transformers' llama module itself (``apply_rotary_pos_emb``, the ``LlamaRMSNorm`` and
+    ``LlamaMLP`` classes), not only the model given: undone after each test, or every Llama built later in this
+    pytest process (tests/train/test_model.py's) gets Liger's modules, whose RMSNorm fails in the CPU interpreter."""
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+
 def twin_models(backend="reference", device="cpu", dtype=torch.float32):
     """Two identical tiny Llamas (2 layers, GQA 4/2, MoBA block 16 top-2 in layer 0, full in layer 1)."""
     torch.manual_seed(0)
@@ -102,13 +113,17 @@ def test_compile_with_fused_ops_keeps_liger_out_of_the_layers():
         names = {getattr(x.forward, "__qualname__", "").split(".")[0] for x in m.modules()}
         return sorted(n for n in names if n.startswith("Liger"))
 
+    from transformers.models.llama import modeling_llama
+
     a, b = twin_models()
-    assert "Liger-Kernel fused" in prepare_layers(a, fused_ops=True, compile=False)
-    assert liger_modules(a.model.layers) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+    # b first: Liger's RoPE is patched into transformers' module (the layers look it up when called), by a's turn
     assert "compiled" in prepare_layers(b, fused_ops=True, compile=True)
     assert liger_modules(b) == []
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__
     (tb, *_), _ = loss_and_grads(PackedCausalLM(b, fused_loss=True), packed_batch())
     assert torch.isfinite(tb)
+    assert "Liger-Kernel fused" in prepare_layers(a, fused_ops=True, compile=False)
+    assert liger_modules(a.model.layers) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
 
 
 def test_fused_ops_setting(monkeypatch):
