@@ -170,7 +170,7 @@ class CudnnVarlen(FlashVarlen):
     contract of this module: same shapes and LSE layout).
 
     Measured on an H200 at the 1B model's shape (32 query / 8 KV heads, D 64, bf16; BENCHMARKS.md): cuDNN's
-    fwd+bwd is 1.19x FlashAttention-2's at 4K tokens and 1.41-1.45x from 16K to 128K (575 against 828 ms).
+    fwd+bwd is 1.19x FlashAttention-2's at 4K tokens and 1.40-1.45x from 8K to 128K (580 against 829 ms).
     cuDNN runs one dense sequence per call (``torch.ops.aten._scaled_dot_product_cudnn_attention`` on
     (1, H, L, D) views, K/V heads repeated for GQA) and builds a plan per new length (~0.1 s, kept for the
     process), so a sequence is padded to ``padded_len`` (a bounded number of plan lengths) and goes to cuDNN

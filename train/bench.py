@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = raw[raw.index("--") + 1:] if "--" in raw else []
     argv = raw[: raw.index("--")] if "--" in raw else raw
     ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--points", default=DEFAULT_POINTS, help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K[@spN]")
+    ap.add_argument("--points", default=DEFAULT_POINTS,
+                    help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K, each optionally @spN and @nockpt")
     ap.add_argument("--steps", type=int, default=6, help="training steps per point (medians over steps 3..)")
     ap.add_argument("--model", default="llama_1b", help="the model group (configs/model/<name>.yaml)")
     ap.add_argument("--documents", default="package", help="data.documents: package (long documents) | module")
