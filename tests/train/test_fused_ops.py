@@ -71,10 +71,15 @@ def loss_and_grads(model, batch):
 
 
 def test_fused_rope_and_loss_equal_unfused_on_the_cpu():
+    from transformers.models.llama import modeling_llama
+
     a, b = twin_models()
-    apply_fused_ops(b, ("rope",))
     batch = packed_batch()
+    # a first: Liger patches RoPE into transformers' module, which both models' layers look up when called
     (ta, na, tla, ntla), ga = loss_and_grads(PackedCausalLM(a, loss_chunk_tokens=7), batch)
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__
+    apply_fused_ops(b, ("rope",))
+    assert modeling_llama.apply_rotary_pos_emb.__module__ != modeling_llama.__name__
     (tb, nb, tlb, ntlb), gb = loss_and_grads(PackedCausalLM(b, loss_chunk_tokens=7, fused_loss=True), batch)
     # 40 + 24 labels, 2 ignored; at document positions >= 20: 20 + 4, the same 2 ignored
     assert (na, ntla) == (nb, ntlb) == (62, 22)
@@ -150,9 +155,9 @@ def test_fused_ops_setting(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_all_fused_ops_equal_unfused_in_bf16_on_the_gpu():
     a, b = twin_models(backend="auto", device="cuda", dtype=torch.bfloat16)
-    apply_fused_ops(b, FUSED_OPS)
     batch = packed_batch("cuda")
-    (ta, _, tla, _), ga = loss_and_grads(PackedCausalLM(a), batch)
+    (ta, _, tla, _), ga = loss_and_grads(PackedCausalLM(a), batch)  # before Liger's RoPE is patched in
+    apply_fused_ops(b, FUSED_OPS)
     (tb, _, tlb, _), gb = loss_and_grads(PackedCausalLM(b, fused_loss=True), batch)
     torch.testing.assert_close(tb, ta, rtol=2e-2, atol=0)
     torch.testing.assert_close(tlb, tla, rtol=2e-2, atol=0)
