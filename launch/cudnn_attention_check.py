@@ -7,7 +7,8 @@ PyTorch's FlashAttention-2, at the 1B model's attention shape by default (32 que
 Prints one table: packed batch (document lengths), primitive, fwd ms, fwd+bwd ms, TFLOP/s (causal pairs x 4 D x
 H_q x 3.5), the first call's seconds at that batch (cuDNN builds a plan per new length), and the largest
 relative error of o / dq / dk / dv against the float64 dense reference (batches up to 8K tokens) or against
-FlashAttention-2 (longer ones).
+FlashAttention-2 (longer ones), and the largest difference of the LSE from FlashAttention-2's (the units MoBA's
+merges rely on).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def check_batch(lens, prims, Hq, Hkv, D, reps):
 
         def fb(p=p):
             o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
-            return [o, *p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)]
+            return [o, *p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale), lse]
 
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -85,11 +86,13 @@ def check_batch(lens, prims, Hq, Hkv, D, reps):
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
         t_fwd, t_fb = timed(fwd, reps), timed(fb, reps)
-        base = ref if ref is not None else [x.double() for x in got["flash"]]
+        base = ref if ref is not None else [x.double() for x in got["flash"][:4]]
         errs = [((x.double() - r).norm() / r.norm()).item() for x, r in zip(got[name], base)]
         err = " / ".join(f"{e:.1e}" for e in errs) + ("" if ref is not None else " (vs flash)")
+        lse_diff = (got[name][4] - got["flash"][4]).abs().max().item()  # LSE units: MoBA merges by them
         print(f"| {'+'.join(map(str, lens))} | {name}{' (fell back)' if getattr(p, 'failed', False) else ''} "
-              f"| {t_fwd:.2f} | {t_fb:.2f} | {flops / t_fb / 1e9:.0f} | {first:.2f} | {err} |", flush=True)
+              f"| {t_fwd:.2f} | {t_fb:.2f} | {flops / t_fb / 1e9:.0f} | {first:.2f} | {err} | {lse_diff:.1e} |",
+              flush=True)
 
 
 def main():
@@ -105,8 +108,9 @@ def main():
     prims = {"flash": FlashVarlen(), "cudnn": CudnnVarlen(min_seqlen=a.min_seqlen)}
     print(f"H_q {a.heads}, H_kv {a.kv_heads}, D {a.head_dim}, bf16, {torch.cuda.get_device_name()}, "
           f"cuDNN {torch.backends.cudnn.version()}")
-    print("| documents | primitive | fwd ms | fwd+bwd ms | TFLOP/s | first call s | rel. err o / dq / dk / dv |")
-    print("|---|---|---|---|---|---|---|")
+    print("| documents | primitive | fwd ms | fwd+bwd ms | TFLOP/s | first call s | rel. err o / dq / dk / dv | "
+          "max abs LSE diff vs flash |")
+    print("|---|---|---|---|---|---|---|---|")
     for lens in batches:
         check_batch(lens, prims, a.heads, a.kv_heads, a.head_dim, a.reps)
         torch.cuda.empty_cache()
