@@ -192,6 +192,9 @@ CHECK_CASES = [  # (docs, HQ, HKV, D, block, top_k, group routing)
     ([700, 2100], 4, 4, 128, 128, 1, False),
     ([2048, 2048], 12, 4, 128, 256, 8, False),
     ([5000, 3000], 8, 4, 128, 1024, 3, False),  # blocks above 512 keys: dQ in its own pass
+    # dense parts of 4K+ tokens: cuDNN in bf16 on Hopper (a 4096-token prefix; a 5000-token document, padded)
+    ([9000, 5000], 8, 4, 128, 2048, 3, False),
+    ([6000], 8, 2, 64, 2048, 3, False),
 ]
 
 
