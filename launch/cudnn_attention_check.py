@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moba_core.varlen import CudnnVarlen, FlashVarlen  # noqa: E402
+from train.bench_kernels import timed  # noqa: E402
 
 BATCHES = ([4096], [8192], [16384], [3000, 9000, 500, 3884], [32768], [30000, 2768], [65536], [131072],
            [40000, 1000, 2000, 88072], [12288], [20000])  # 9000, 30000, 40000, 88072, 20000: padded for cuDNN
@@ -41,20 +42,6 @@ def reference(q, k, v, cu, scale):
         sc = sc.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
         out.append((sc.softmax(-1) @ vs).transpose(0, 1))
     return torch.cat(out)
-
-
-def timed(fn, reps: int) -> float:
-    """Median ms of ``fn`` over ``reps`` CUDA-event-timed calls after one warm-up."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    return sorted(ts)[len(ts) // 2]
 
 
 def check_batch(lens, prims, Hq, Hkv, D, reps):

@@ -10,6 +10,19 @@ import torch
 from moba_core.varlen import CudnnVarlen, TorchVarlen
 
 
+def packed(lens, Hq, Hkv, D, scale, seed, cu_dtype=torch.int32):
+    """A packed batch of documents ``lens`` (q, k, v, dO, cu_seqlens, max_seqlen) and the exact float32
+    forward (o, lse) and backward (dq, dk, dv) of its causal attention."""
+    torch.manual_seed(seed)
+    T, m = sum(lens), max(lens)
+    q, do = torch.randn(T, Hq, D), torch.randn(T, Hq, D)
+    k, v = (torch.randn(T, Hkv, D) for _ in range(2))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=cu_dtype)
+    exact = TorchVarlen()
+    o, lse = exact.fwd(q, k, v, cu, cu, m, m, True, scale)
+    return (q, k, v, do, cu, m), (o, lse), exact.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+
+
 class _Recorder(CudnnVarlen):
     """CudnnVarlen whose cuDNN calls are the exact primitive on one sequence, recording their lengths."""
 
@@ -39,17 +52,8 @@ class _Recorder(CudnnVarlen):
     ([64, 64, 0, 80], [64, 64, 80]),       # neighbouring long sequences, an empty one
 ])
 def test_split_matches_one_varlen_call(lens, cudnn_lens):
-    torch.manual_seed(0)
-    Hq, Hkv, D = 4, 2, 16
-    T = sum(lens)
-    q = torch.randn(T, Hq, D, dtype=torch.float32)
-    k, v = (torch.randn(T, Hkv, D, dtype=torch.float32) for _ in range(2))
-    do = torch.randn(T, Hq, D, dtype=torch.float32)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-    m, scale = max(lens), 1 / math.sqrt(D)
-    exact = TorchVarlen()
-    o_ref, lse_ref = exact.fwd(q, k, v, cu, cu, m, m, True, scale)
-    g_ref = exact.bwd(do, q, k, v, o_ref, lse_ref, cu, cu, m, m, True, scale)
+    scale = 1 / math.sqrt(16)
+    (q, k, v, do, cu, m), (o_ref, lse_ref), g_ref = packed(lens, 4, 2, 16, scale, seed=0)
 
     p = _Recorder(min_seqlen=64)
     o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
@@ -150,17 +154,8 @@ def test_padded_len_bounds():
 def test_padding_and_gqa_around_cudnn_are_exact():
     """Documents of lengths that are no multiple of the padding step, GQA: the padded cuDNN path (its math
     standing in) gives the exact varlen output, LSE and gradients."""
-    torch.manual_seed(3)
-    lens = [1000, 30, 2000, 520]
-    Hq, Hkv, D = 4, 2, 8
-    T, m, scale = sum(lens), max(lens), 0.35
-    q = torch.randn(T, Hq, D)
-    k, v = (torch.randn(T, Hkv, D) for _ in range(2))
-    do = torch.randn(T, Hq, D)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-    exact = TorchVarlen()
-    o_ref, lse_ref = exact.fwd(q, k, v, cu, cu, m, m, True, scale)
-    g_ref = exact.bwd(do, q, k, v, o_ref, lse_ref, cu, cu, m, m, True, scale)
+    scale = 0.35
+    (q, k, v, do, cu, m), (o_ref, lse_ref), g_ref = packed([1000, 30, 2000, 520], 4, 2, 8, scale, seed=3)
     p = _MathSdpa(min_seqlen=500)
     o, lse = p.fwd(q, k, v, cu, cu, m, m, True, scale)
     grads = p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
@@ -182,18 +177,13 @@ def test_padded_backward_with_a_merged_lse(lens, Hkv, cudnn_lens):
     """The backward given another O and LSE than its forward's (MoBA's flash backend passes the merged ones) and
     non-contiguous ones, with empty documents at the ends and between, through the padded cuDNN path (its math
     standing in): the exact varlen gradients for that O and LSE."""
-    torch.manual_seed(4)
     Hq, D, scale = 4, 8, 0.35
-    T, m = sum(lens), max(lens)
-    q, do = torch.randn(T, Hq, D), torch.randn(T, Hq, D)
-    k, v = (torch.randn(T, Hkv, D) for _ in range(2))
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64)
-    exact = TorchVarlen()
-    o_own, lse_own = exact.fwd(q, k, v, cu, cu, m, m, True, scale)
+    (q, k, v, do, cu, m), (o_own, lse_own), _ = packed(lens, Hq, Hkv, D, scale, seed=4, cu_dtype=torch.int64)
+    T = sum(lens)
     lse = torch.logaddexp(lse_own, torch.randn(Hq, T))  # another part's keys merged in
     o = o_own * torch.exp(lse_own - lse).t()[..., None] + 0.1 * torch.randn(T, Hq, D)
     lse, o = lse.t().contiguous().t(), o.transpose(0, 1).contiguous().transpose(0, 1)
-    g_ref = exact.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+    g_ref = TorchVarlen().bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
     p = _MathSdpa(min_seqlen=100)
     grads = p.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
     assert p.bwd_lengths == cudnn_lens
