@@ -91,6 +91,9 @@ def main():
     ap.add_argument("--min-seqlen", type=int, default=4096)
     ap.add_argument("--batches", nargs="*", help="packed batches as document lengths joined by '+'")
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("error: launch/cudnn_attention_check.py needs a CUDA device", file=sys.stderr)
+        return 2
     batches = [[int(n) for n in b.split("+")] for b in a.batches] if a.batches else BATCHES
     prims = {"flash": FlashVarlen(), "cudnn": CudnnVarlen(min_seqlen=a.min_seqlen)}
     print(f"H_q {a.heads}, H_kv {a.kv_heads}, D {a.head_dim}, bf16, {torch.cuda.get_device_name()}, "
@@ -101,7 +104,8 @@ def main():
     for lens in batches:
         check_batch(lens, prims, a.heads, a.kv_heads, a.head_dim, a.reps)
         torch.cuda.empty_cache()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -180,7 +180,7 @@ class CudnnVarlen(FlashVarlen):
     selected blocks) and batches without such a sequence go to ``short`` unchanged. A cuDNN error (an
     unsupported shape) warns once and sends everything to ``short`` for the rest of the process; running out of
     memory is raised as it is (a caller that catches it, as ``train.bench_kernels`` does per cell, keeps cuDNN).
-    ``MOBA_CUDNN_ATTENTION=0`` turns cuDNN off; ``MOBA_CUDNN_MIN_SEQLEN`` sets ``min_seqlen``.
+    ``MOBA_CUDNN_ATTENTION=0`` turns cuDNN off; ``MOBA_CUDNN_MIN_SEQLEN`` sets ``min_seqlen`` (``cudnn_env``).
     """
 
     def __init__(self, min_seqlen: int = 4096, short: "FlashVarlen | TorchVarlen | None" = None,
@@ -330,11 +330,31 @@ class CudnnVarlen(FlashVarlen):
         return dq, dk, dv
 
 
+def cudnn_env() -> tuple[bool, int]:
+    """(``MOBA_CUDNN_ATTENTION`` on, ``MOBA_CUDNN_MIN_SEQLEN``) from the environment: on unless 0 / false / off /
+    no; the minimum length a positive integer, 4096 when unset.
+
+    Raises:
+        ValueError: naming the variable and its value when it is neither.
+    """
+    flag = os.environ.get("MOBA_CUDNN_ATTENTION", "1").strip().lower()
+    if flag not in ("1", "true", "on", "yes", "0", "false", "off", "no"):
+        raise ValueError(f"MOBA_CUDNN_ATTENTION={flag!r} must be 1/true/on/yes or 0/false/off/no")
+    raw = os.environ.get("MOBA_CUDNN_MIN_SEQLEN", "4096")
+    try:
+        min_seqlen = int(raw)
+    except ValueError:
+        min_seqlen = 0
+    if min_seqlen < 1:
+        raise ValueError(f"MOBA_CUDNN_MIN_SEQLEN={raw!r} must be a positive number of tokens")
+    return flag in ("1", "true", "on", "yes"), min_seqlen
+
+
 def cudnn_attention_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether ``CudnnVarlen`` is used: CUDA on Hopper or newer, fp16 / bf16, head dim 64 or 128 (where it was
     measured: faster than FlashAttention-2 at 64, PyTorch's own SDPA choice at 128), cuDNN present, and
-    ``MOBA_CUDNN_ATTENTION`` not "0"."""
-    if os.environ.get("MOBA_CUDNN_ATTENTION", "1") == "0" or device.type != "cuda":
+    ``MOBA_CUDNN_ATTENTION`` not off (``cudnn_env``, whose errors it raises)."""
+    if not cudnn_env()[0] or device.type != "cuda":
         return False
     if dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
         return False
@@ -350,7 +370,7 @@ def varlen_primitives(device: torch.device, dtype: torch.dtype, head_dim: int):
     ``CudnnVarlen`` where ``cudnn_attention_usable``, else ``FlashVarlen`` on CUDA fp16 / bf16, else
     ``TorchVarlen``."""
     if cudnn_attention_usable(device, dtype, head_dim):
-        return CudnnVarlen(int(os.environ.get("MOBA_CUDNN_MIN_SEQLEN", "4096")))
+        return CudnnVarlen(cudnn_env()[1])
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256:
         return FlashVarlen()
     return TorchVarlen()

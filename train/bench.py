@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     extra = raw[raw.index("--") + 1:] if "--" in raw else []
     argv = raw[: raw.index("--")] if "--" in raw else raw
-    ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m train.bench", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                 epilog="Overrides for every run follow --, e.g. -- model.fused_ops=false.")
     ap.add_argument("--points", default=DEFAULT_POINTS,
                     help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K, each optionally @spN and @nockpt")
     ap.add_argument("--steps", type=int, default=6, help="training steps per point (medians over steps 3..)")
@@ -286,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--points {args.points!r} names a point twice")
         if args.steps < 1:
             raise ValueError(f"--steps {args.steps} must be >= 1")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout {args.timeout} must be > 0 seconds")
         check_extra(extra)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -245,6 +245,10 @@ def main(argv=None):
     ap.add_argument("--json", default="results/kernels.json")
     ap.add_argument("--warm-cache", action="store_true", help="keep Triton's compile cache (first call not cold)")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: python -m train.bench_kernels needs a CUDA device (the kernels are tested on the CPU by "
+              "make test)", file=sys.stderr)
+        return 2
     if not args.warm_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="moba-bench-triton-")
     from moba_core import moba_attention
@@ -376,4 +380,4 @@ def write_section(args, argv, lines, rows):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

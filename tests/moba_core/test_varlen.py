@@ -221,3 +221,25 @@ def test_cudnn_used_only_where_measured(monkeypatch):
     monkeypatch.delenv("MOBA_CUDNN_ATTENTION")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not cudnn_attention_usable(gpu, torch.bfloat16, 64)  # Ampere: not measured, FlashAttention-2
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (True, 4096)),
+    ({"MOBA_CUDNN_ATTENTION": "off", "MOBA_CUDNN_MIN_SEQLEN": "8192"}, (False, 8192)),
+    ({"MOBA_CUDNN_ATTENTION": "False"}, (False, 4096)),
+    ({"MOBA_CUDNN_ATTENTION": "maybe"}, "MOBA_CUDNN_ATTENTION='maybe' must be"),
+    ({"MOBA_CUDNN_MIN_SEQLEN": "4k"}, "MOBA_CUDNN_MIN_SEQLEN='4k' must be a positive number of tokens"),
+    ({"MOBA_CUDNN_MIN_SEQLEN": "-1"}, "MOBA_CUDNN_MIN_SEQLEN='-1' must be a positive"),
+])
+def test_cudnn_environment_settings(monkeypatch, env, expected):
+    from moba_core.varlen import cudnn_env
+
+    for name in ("MOBA_CUDNN_ATTENTION", "MOBA_CUDNN_MIN_SEQLEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+            cudnn_env()
+    else:
+        assert cudnn_env() == expected

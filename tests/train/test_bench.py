@@ -40,6 +40,7 @@ def test_points_parse_and_name_their_overrides():
     pytest.param(["--", "train.activation_checkpointing=false"], "own train.activation_checkpointing: set it with "
                  "--points (@nockpt)", id="checkpointing"),
     pytest.param(["--steps", "0"], "--steps 0 must be >= 1", id="steps"),
+    pytest.param(["--timeout", "0"], "--timeout 0 must be > 0 seconds", id="timeout"),
     pytest.param(["--points", " , "], "--points ' , ' names no point", id="no-point"),
     pytest.param(["--points", "256:full,256:32:2,256:full"], "names a point twice", id="twice"),
 ])
