@@ -32,7 +32,7 @@ from kernels.routing import block_layout, block_means, build_block_lists, route_
 
 from .flash import varlen_causal_attention
 from .layout import host_cu_seqlens
-from .varlen import FlashVarlen, varlen_primitives
+from .varlen import TorchVarlen, varlen_primitives
 
 MAX_HEAD_DIM = 128
 
@@ -81,7 +81,7 @@ def dense_primitives(q: torch.Tensor):
     FlashAttention's or cuDNN's (``moba_core.varlen.CudnnVarlen``) where they run (CUDA, fp16 / bf16), else None
     (the prefixes are recomputed in the backward: the exact float32 primitives hold O(rows x keys) memory)."""
     prims = varlen_primitives(q.device, q.dtype, q.shape[-1])
-    return prims if isinstance(prims, FlashVarlen) else None
+    return None if isinstance(prims, TorchVarlen) else prims
 
 
 class _DenseRows:

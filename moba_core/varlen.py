@@ -28,6 +28,8 @@ import warnings
 
 import torch
 
+from .layout import host_cu_seqlens
+
 
 class TorchVarlen:
     """Exact varlen attention with LSE in float32 PyTorch (CPU or GPU)."""
@@ -165,9 +167,9 @@ class FlashVarlen:
         return dq, dk, dv
 
 
-class CudnnVarlen(FlashVarlen):
-    """``FlashVarlen`` with cuDNN's fused attention for the long sequences of causal self-attention calls (the
-    contract of this module: same shapes and LSE layout).
+class CudnnVarlen:
+    """``FlashVarlen`` (``short``) with cuDNN's fused attention for the long sequences of causal self-attention
+    calls (the contract of this module: same shapes and LSE layout).
 
     Measured on an H200 at the 1B model's shape (32 query / 8 KV heads, D 64, bf16; BENCHMARKS.md): cuDNN's
     fwd+bwd is 1.19x FlashAttention-2's at 4K tokens and 1.40-1.45x from 8K to 128K (580 against 829 ms).
@@ -185,7 +187,6 @@ class CudnnVarlen(FlashVarlen):
 
     def __init__(self, min_seqlen: int = 4096, short: "FlashVarlen | TorchVarlen | None" = None,
                  min_step: int = 512):
-        super().__init__()
         self.min_seqlen, self.min_step = min_seqlen, min_step
         self.short = short if short is not None else FlashVarlen()
         self.failed = False
@@ -196,12 +197,12 @@ class CudnnVarlen(FlashVarlen):
 
     def _plan(self, cu_q, cu_k, max_q, causal):
         """(host offsets, [(use_cudnn, first seq, end seq)]) or None when cuDNN has nothing to do. Reads the
-        offsets on the host (one sync) only when ``max_q`` allows a long sequence."""
+        offsets on the host (``host_cu_seqlens``: once per tensor) only when ``max_q`` allows a long sequence."""
         if self.failed or not causal or cu_q is not cu_k or cu_q.numel() < 2 or max_q < self.min_seqlen:
             return None
         if torch.are_deterministic_algorithms_enabled():  # cuDNN's backward is not documented as deterministic
             return None
-        b = cu_q.tolist()
+        b = host_cu_seqlens(cu_q)
         long_seq = [self.use_cudnn(e - s) for s, e in zip(b[:-1], b[1:])]
         if not any(long_seq):
             return None
@@ -279,25 +280,28 @@ class CudnnVarlen(FlashVarlen):
         warnings.warn(f"cuDNN attention failed ({err}); using FlashAttention for the rest of this process "
                       "(MOBA_CUDNN_ATTENTION=0 silences this)", RuntimeWarning, stacklevel=3)
 
+    @staticmethod
+    def _segments(cu_q, b, parts):
+        """(long, start row, end row, local cu_seqlens, max_seqlen) of each part of a plan; the last two only for
+        the runs of short sequences (None for a long one)."""
+        for long_seq, i, j in parts:
+            if long_seq:
+                yield True, b[i], b[j], None, None
+            else:
+                yield False, b[i], b[j], cu_q[i: j + 1] - b[i], max(b[n + 1] - b[n] for n in range(i, j))
+
     def fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
         plan = self._plan(cu_q, cu_k, max_q, causal)
         if plan is None:
             return self.short.fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
-        b, parts = plan
-        T, Hq, _ = q.shape
         o = torch.empty_like(q)
-        lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
         try:
-            for long_seq, i, j in parts:
-                s, e = b[i], b[j]
+            for long_seq, s, e, cu, m in self._segments(cu_q, *plan):
                 if long_seq:
-                    out, l_ = self.cudnn_fwd(q[s:e], k[s:e], v[s:e], scale)
+                    o[s:e], lse[:, s:e] = self.cudnn_fwd(q[s:e], k[s:e], v[s:e], scale)
                 else:
-                    cu = cu_q[i: j + 1] - s
-                    m = max(b[n + 1] - b[n] for n in range(i, j))
-                    out, l_ = self.short.fwd(q[s:e], k[s:e], v[s:e], cu, cu, m, m, True, scale)
-                o[s:e] = out
-                lse[:, s:e] = l_
+                    o[s:e], lse[:, s:e] = self.short.fwd(q[s:e], k[s:e], v[s:e], cu, cu, m, m, True, scale)
         except torch.OutOfMemoryError:
             raise  # not a cuDNN limitation: falling back would turn cuDNN off for the rest of the process
         except RuntimeError as err:
@@ -309,19 +313,14 @@ class CudnnVarlen(FlashVarlen):
         plan = self._plan(cu_q, cu_k, max_q, causal)
         if plan is None:
             return self.short.bwd(do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, causal, scale)
-        b, parts = plan
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         try:
-            for long_seq, i, j in parts:
-                s, e = b[i], b[j]
-                rows = (do[s:e], q[s:e], k[s:e], v[s:e], o[s:e], lse[:, s:e])
+            for long_seq, s, e, cu, m in self._segments(cu_q, *plan):
+                rows = (do[s:e], q[s:e], k[s:e], v[s:e], o[s:e], lse[:, s:e].contiguous())
                 if long_seq:
-                    g = self.cudnn_bwd(*rows, scale)
+                    dq[s:e], dk[s:e], dv[s:e] = self.cudnn_bwd(*rows, scale)
                 else:
-                    cu = cu_q[i: j + 1] - s
-                    m = max(b[n + 1] - b[n] for n in range(i, j))
-                    g = self.short.bwd(*rows[:5], rows[5].contiguous(), cu, cu, m, m, True, scale)
-                dq[s:e], dk[s:e], dv[s:e] = g
+                    dq[s:e], dk[s:e], dv[s:e] = self.short.bwd(*rows, cu, cu, m, m, True, scale)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:
