@@ -4,6 +4,9 @@
     python -m train moba.block_size=256 moba.top_k=4 data.seq_len=2048 hydra.run.dir=runs/x
     python -m train -m moba.block_size=128,256 moba.top_k=2,3      # a sweep (one run per combination)
     python -m train.compare multirun/<date>/<time>                 # compare its runs (train/compare.py)
+
+A launch stopped by SIGTERM / SIGUSR1 / SIGINT saves a checkpoint and exits with 128 + the signal's number
+(130 for SIGINT, 143 for SIGTERM; train/preemption.py); a sweep stops there too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig, check_known_keys, from_checkpoint_unless_overridden, register_configs
 from .distributed import quiet_deepspeed
+from .preemption import exit_status
 from .rundir import claim_run_dir, register_resolvers
 from .sweep import register_resolvers as register_sweep_resolvers
 from .sweep import sweep_record
@@ -63,6 +67,11 @@ def main(cfg: DictConfig) -> float | None:
     with claim_run_dir(run_dir, Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else None):
         # config.json keeps the full command-line overrides (and a sweep job's swept settings) beside the config.
         result = run(run_cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **sweep_record()})
+    if result.get("preempted"):
+        # Stopped by a signal after saving (the loop logged what it saved and how to resume): exit 128 + the
+        # signal's number, once the run directory is released, so that whatever chains stages (make train, a
+        # script, a sweep) stops here instead of going on without this stage's output.
+        raise SystemExit(exit_status(result["signal"]))
     return result.get("val_loss")  # what a Hydra sweeper would optimise
 
 

@@ -39,7 +39,7 @@ from .model import (
     prepare_layers,
     step_flops,
 )
-from .preemption import PreemptionFlag, restore_signal_handlers
+from .preemption import PreemptionFlag, describe, exit_status, restore_signal_handlers
 from .profiling import StepProfiler
 from .rundir import check_same_run_dir, record_config
 from .sequence_parallel import init_sp_groups, shard_batch, sp_attention
@@ -396,16 +396,15 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             eval_step = step
         stop = preempt.requested(info.device)
         save_now = stop or (not skipped and step % cfg.checkpoint.every == 0) or step == cfg.train.max_steps
+        saved = None
         if save_now and cfg.checkpoint.enabled:
-            ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank, run_config)
+            saved = ckpt.save(engine, ckpt_dir, step, client_state(), cfg.checkpoint.keep, info.rank, run_config)
         if stop:
             if info.is_main:
-                log.warning("stopped by a signal at step %d; %s", step,
-                            "checkpoint saved; run again to resume" if cfg.checkpoint.enabled
-                            else "checkpoint.enabled=false: nothing saved")
+                log.warning(stop_message(preempt.signum, step, saved, run_dir, cfg.resume))
             preempt.restore()
             metrics.close()
-            return {**last, "step": step, "preempted": True}
+            return {**last, "step": step, "preempted": True, "signal": preempt.signum}
 
     # The final evaluation and HF export. A launch stopped or killed after its last checkpoint left them
     # undone; this one (resumed at that step) does them. A signal from here on stops before the next of them.
@@ -430,10 +429,28 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     metrics.close()
     if need_eval or need_export:
         if info.is_main:
-            log.warning("stopped by a signal at step %d before %s; run again to complete it", step,
-                        "the final evaluation" if need_eval else "the HF export")
-        return {**last, "step": step, "preempted": True}
+            tag = ckpt.latest_tag(ckpt_dir) if cfg.checkpoint.enabled else None
+            log.warning(stop_message(preempt.signum, step, ckpt_dir / tag if tag else None, run_dir, cfg.resume,
+                                     "the final evaluation" if need_eval else "the HF export"))
+        return {**last, "step": step, "preempted": True, "signal": preempt.signum}
     return {**last, **val, "step": step}
+
+
+def stop_message(signum: int, step: int, checkpoint: Path | None, run_dir: Path, resume: str,
+                 before: str | None = None) -> str:
+    """The line a launch stopped by a signal logs: the signal, the step (and the final work ``before`` which it
+    stopped), the checkpoint it leaves (None: ``checkpoint.enabled=false``, nothing saved) and how to resume.
+    ``python -m train`` then exits with ``exit_status(signum)`` (``train.__main__``)."""
+    where = f"at step {step}" + (f" before {before}" if before else "")
+    again = f"python -m train with the same settings and hydra.run.dir={run_dir}" + (
+        "" if resume == "auto" else " resume=auto")
+    if checkpoint is None:
+        kept = f"checkpoint.enabled=false: nothing saved, so {again} starts from scratch"
+    elif before:
+        kept = f"the last checkpoint is {checkpoint}; to complete the stage, run {again}"
+    else:
+        kept = f"checkpoint saved: {checkpoint}; to resume from it, run {again}"
+    return f"stopped by a signal {where} ({describe(signum)}): {kept}; exit status {exit_status(signum)}"
 
 
 EXPORT_RECORD = "moba_export.json"  # in the exported folder: the training step it holds

@@ -4,7 +4,9 @@ in the log); the loop checks it after each optimizer step (all ranks agree throu
 checkpoint and returns, so the next launch with ``resume=auto`` continues from that exact step instead of
 the last periodic checkpoint. After the last step the flag stays armed through the final evaluation and the
 HF export (``phase``): a signal there stops the launch before the next of them, and the next launch does
-what is left (see ``train.loop.run``)."""
+what is left (see ``train.loop.run``). A launch stopped this way exits with ``exit_status(signum)`` (128 +
+the signal number: 130 for SIGINT, 143 for SIGTERM; ``train.__main__``), so a script that chains stages
+(``make train``) stops instead of starting the next stage without this one's output."""
 
 from __future__ import annotations
 
@@ -24,10 +26,13 @@ _installed: list[PreemptionFlag] = []  # flags whose handlers are in place, olde
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1 / SIGINT; ``requested(device)`` is collective (every rank must call it).
     ``phase`` (``"train"`` or a description of the final work under way) words the message on a signal;
-    ``saves=False`` (``checkpoint.enabled=false``) says no checkpoint will be saved."""
+    ``saves=False`` (``checkpoint.enabled=false``) says no checkpoint will be saved. ``signum`` is the number
+    of the first signal received (on a rank that received none, the largest any rank received, once
+    ``requested`` has returned True); None before any."""
 
     def __init__(self, saves: bool = True):
         self.hit = False
+        self.signum: int | None = None
         self.saves = saves
         self.phase = "train"
         self._previous = {}
@@ -38,6 +43,7 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         if not self.hit:
+            self.signum = signum
             name = signal.Signals(signum).name
             if self.phase == "train":
                 log.warning("received %s: %s", name, "saving a checkpoint after this step, then stopping" if self.saves
@@ -48,9 +54,11 @@ class PreemptionFlag:
         self.hit = True
 
     def requested(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.hit else 0.0], device=device)
+        flag = torch.tensor([float(self.signum or 0)], device=device)  # signal numbers are positive
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())  # another rank's signal: every rank exits with the same status
         return bool(flag.item())
 
     def restore(self) -> None:
@@ -60,6 +68,20 @@ class PreemptionFlag:
         self._previous = {}
         if self in _installed:
             _installed.remove(self)
+
+
+def exit_status(signum: int) -> int:
+    """The exit status of a launch stopped by signal ``signum`` after saving: 128 + ``signum``, the shell's
+    convention for a process ended by a signal (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1)."""
+    return 128 + int(signum)
+
+
+def describe(signum: int) -> str:
+    """``SIGTERM`` for 15 (the number itself for a signal Python does not name)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 def restore_signal_handlers() -> None:

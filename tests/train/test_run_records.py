@@ -4,6 +4,7 @@ checkpoint falls back to the previous one, and the run directory keeps each laun
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -105,9 +106,12 @@ def test_sigint_saves_a_checkpoint_at_the_current_step(tmp_path, data_cache):
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 1, proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 130, out[-3000:]  # 128 + SIGINT
     step = read_metrics(run_dir)[-1]["step"]
-    assert "received SIGINT" in out and f"stopped by a signal at step {step}" in out
+    assert "received SIGINT" in out
+    assert (f"stopped by a signal at step {step} (SIGINT): checkpoint saved: {run_dir / 'checkpoints'}/step_"
+            f"{step:08d}; to resume from it, run python -m train with the same settings and hydra.run.dir={run_dir}"
+            in out)
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert not (run_dir / LOCK_NAME).exists()
 
@@ -122,8 +126,13 @@ def test_sigterm_after_the_last_checkpoint_stops_before_the_final_evaluation_or_
     wait_for(lambda: latest.exists() and latest.read_text() == "step_00000002", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    assert "received SIGTERM" in out and "stopped by a signal at step 2 before" in out
+    assert proc.returncode == 143, out[-3000:]  # 128 + SIGTERM: the stage is not complete (no hf/)
+    assert "received SIGTERM" in out
+    stopped = re.search(r"stopped by a signal at step 2 before the (final evaluation|HF export) \(SIGTERM\): the last "
+                        r"checkpoint is (\S+); to complete the stage, run python -m train with the same settings and "
+                        r"hydra.run.dir=(\S+); exit status 143\n", out)
+    assert stopped, out[-3000:]
+    assert stopped.group(2, 3) == (str(run_dir / "checkpoints" / "step_00000002"), str(run_dir))
     assert not (run_dir / "hf").exists() and not (run_dir / LOCK_NAME).exists()
 
 
