@@ -13,16 +13,17 @@ one ``python -m torch.distributed.run -m train`` run of the real loop (data, Dee
 (no checkpoint written) and the overrides
 after ``--`` (which may not set what a point, ``--steps``, ``--model`` or ``--documents`` fixes: ``POINT_KEYS``).
 Tokens/s, step time and MFU are medians over the steps after the first two (compilation, warm-up); memory is
-the peak of the run. A run that fails (out of memory included) is a row with ``ok: false``.
+the CUDA peak of the run (none on a CPU). A run that fails (out of memory included) or is stopped by a
+signal is a row with ``ok: false``.
 
 Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
 rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
 moba), ``moba`` ("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it
-existed: true), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib``, ``ok``, ``error``, ``losses``, ``gpu``,
-``date``; with ``--profile`` also ``profile_ms``: the last step's wall, idle and per-part GPU time,
-``train.profiling``), where rows of the same (seq_len, attention, moba, gpus, activation_checkpointing) are
-replaced and the others kept, so one-GPU and two-GPU runs add up. Each point's run directory under
-``--run-root`` is replaced, so reruns into the same root work.
+existed: true), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where
+the table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``:
+the last step's wall, idle and per-part GPU time, ``train.profiling``), where rows of the same (seq_len,
+attention, moba, gpus, activation_checkpointing) are replaced and the others kept, so one-GPU and two-GPU
+runs add up. Each point's run directory under ``--run-root`` is replaced, so reruns into the same root work.
 """
 
 from __future__ import annotations
@@ -129,21 +130,31 @@ def summarize(rows: list[dict]) -> dict:
     """Medians of the steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows: tokens/s
     of the job (all GPUs), seconds per step (a step's tokens, ``tokens`` / ``step`` as ``tokens`` counts the run's
     tokens so far, over its tokens/s) and MFU; the peak memory and every loss. A step run under the profiler
-    (``profiled``) is left out of the medians, unless it is the only step."""
+    (``profiled``) is left out of the medians, unless it is the only step. The peak is None when no row has a
+    memory figure (a CPU run: ``mem_gb`` is CUDA's peak, null elsewhere)."""
     timed = [r for r in rows if not r.get("profiled")]
     steady = [r for r in rows[2:] if not r.get("profiled")] or timed or rows
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     step_s = [r["tokens"] / r["step"] / r["tokens_per_s"] for r in steady if r["tokens_per_s"]]
+    mem = [r["mem_gb"] for r in rows if r.get("mem_gb") is not None]
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "step_s": statistics.median(step_s),
             "mfu": statistics.median(mfu) if mfu else None,
-            "peak_gib": max((r.get("mem_gb") or 0.0) for r in rows), "losses": [r["loss"] for r in rows]}
+            "peak_gib": max(mem) if mem else None, "losses": [r["loss"] for r in rows]}
 
 
-def failure_reason(stderr: str) -> str | None:
-    """``out of memory``, else the first exception line of a failed run's stderr (``ValueError: moba...``; not
-    the launcher's ``ChildFailedError``), cut to 200 characters."""
+STOPPED_RE = re.compile(r"stopped by a signal at step \d+(?: before the [\w ]+?)? \((?:SIG)?\w+\)")
+
+
+def failure_reason(stderr: str, stdout: str = "") -> str | None:
+    """``out of memory``; else, for a run stopped by a signal (``python -m train`` then exits 128 + its number),
+    its log line's start (``stopped by a signal at step 3 (SIGTERM)``, from either stream); else the first
+    exception line of a failed run's stderr (``ValueError: moba...``; not the launcher's ``ChildFailedError``),
+    cut to 200 characters."""
     if "out of memory" in stderr.lower() or "OutOfMemoryError" in stderr:
         return "out of memory"
+    stopped = STOPPED_RE.search(stdout + "\n" + stderr)
+    if stopped:
+        return stopped.group(0)
     for line in stderr.splitlines():
         if re.match(r"^[\w.]*(Error|Exception): \S", line) and "ChildFailedError" not in line:
             return line.strip()[:200]
@@ -188,7 +199,7 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
     metrics = run_dir / "metrics.jsonl"
     if proc.returncode != 0 or not metrics.is_file():
         print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
-        return {**row, "error": failure_reason(proc.stderr) or f"exit {proc.returncode}"}
+        return {**row, "error": failure_reason(proc.stderr, proc.stdout) or f"exit {proc.returncode}"}
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x]
     row = {**row, **summarize(rows), "ok": True}
     from .profiling import summary_path
@@ -215,9 +226,10 @@ def table(results: list[dict], command: str, gpu: str) -> str:
         f = full.get((r["seq_len"], r["gpus"], row_key(r)[4]))
         speed = f"{f['step_s'] / r['step_s']:.2f}x" if f and r["moba"] else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"  # None: no CUDA peak (a CPU run)
         losses = ", ".join(f"{x:.3f}" for x in r["losses"][:3])
         lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | {r['tokens_per_s']:,.0f} | {r['step_s']:.2f} | "
-                     f"{speed} | {mfu} | {r['peak_gib']:.1f} | {losses} |")
+                     f"{speed} | {mfu} | {peak} | {losses} |")
     profiled = [r for r in results if r.get("profile_ms")]
     if profiled:
         from .profiling import CATEGORIES

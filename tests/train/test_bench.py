@@ -85,6 +85,47 @@ def test_summary_of_metrics_rows_hand_worked():
     assert summarize(rows[:1])["step_s"] == 10.0  # fewer than three steps: all of them
 
 
+def test_a_cpu_run_has_no_peak_memory():
+    """On a CPU every ``mem_gb`` is null (there is no CUDA peak): the table printed 0.0 GiB and the JSON said 0.0."""
+    from train.bench import summarize, table
+
+    rows = [{"step": i + 1, "tokens": 100 * (i + 1), "tokens_per_s": 50.0, "mfu": None, "mem_gb": None, "loss": 5.0}
+            for i in range(3)]
+    got = summarize(rows)
+    assert got["peak_gib"] is None
+    point = {**parse_point("256:full"), **got, "ok": True, "error": None}
+    assert "| 256 | 1 | full | 50 | 2.00 |  | n/a | - | 5.000, 5.000, 5.000 |" in table([point], "cmd", "cpu")
+    gpu = {**point, "peak_gib": 21.96}  # a CUDA row keeps its figure
+    assert "| n/a | 22.0 | 5.000" in table([gpu], "cmd", "NVIDIA H200")
+
+
+def test_a_point_stopped_by_a_signal_is_a_failed_row(tmp_path, monkeypatch):
+    """``python -m train`` stopped by a signal exits 128 + its number (the launcher then 1) with the steps it
+    made in metrics.jsonl: the row is failed and names the stop, not ``exit 1``, and nothing raises."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from train import bench
+
+    def stopped_run(cmd, timeout):
+        run_dir = tmp_path / "runs" / "256_full_sp1"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 256, "tokens_per_s": 10.0,
+                                                           "mfu": None, "mem_gb": None, "loss": 7.0}) + "\n")
+        out = ("[2026-11-30 10:00:00,000][train.loop][WARNING] - stopped by a signal at step 1 (SIGTERM): "
+               "checkpoint.enabled=false: nothing saved, so python -m train ... starts from scratch; exit status 143\n")
+        err = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        return subprocess.CompletedProcess(cmd, 1, out, err)
+
+    monkeypatch.setattr(bench, "run_group", stopped_run)
+    args = SimpleNamespace(run_root=str(tmp_path / "runs"), steps=3, model="tiny", documents="module", profile=False,
+                           timeout=60)
+    row = bench.run_point(parse_point("256:full"), args, [])
+    assert row["ok"] is False and row["error"] == "stopped by a signal at step 1 (SIGTERM)"
+    assert bench.failure_reason("", "stopped by a signal at step 4 before the HF export (SIGINT): the last "
+                                    "checkpoint is c") == "stopped by a signal at step 4 before the HF export (SIGINT)"
+
+
 def test_cpu_run_writes_rows_and_table_and_reruns_into_the_same_root(tmp_path, small_corpus):
     md, js, root = tmp_path / "B.md", tmp_path / "train.json", tmp_path / "runs"
     md.write_text("# Benchmarks\n\nkept text\n")
@@ -100,11 +141,12 @@ def test_cpu_run_writes_rows_and_table_and_reruns_into_the_same_root(tmp_path, s
     for r in (full, moba):
         assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu"] is None  # CPU
         assert r["gpu"] == "cpu" and r["date"] and r["gpus"] == 1
+        assert r["peak_gib"] is None  # no CUDA peak on a CPU (it said 0.0)
     assert not list(root.glob("*/checkpoints/step_*"))  # checkpoint.enabled=false
     text = md.read_text()
     assert text.startswith("# Benchmarks\n\nkept text\n") and text.count(MARK_BEGIN) == text.count(MARK_END) == 1
     assert f"| 256 | 1 | MoBA 32:2 | {moba['tokens_per_s']:,.0f} | {moba['step_s']:.2f} | " \
-           f"{full['step_s'] / moba['step_s']:.2f}x |" in text
+           f"{full['step_s'] / moba['step_s']:.2f}x | n/a | - |" in text
     # the same root again: run directories are replaced (no resume=none refusal), rows replaced, not added
     assert main([*args[:1], "256:full", *args[2:]]) == 0
     assert [r["moba"] for r in json.loads(js.read_text())] == [None, "32:2", "33:2"]
