@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from moba_core import MoBAConfig
 from moba_core.attention import triton_available
 from moba_core.schedule import Schedule, uses_moba
+from moba_core.varlen import cudnn_env
 
 from .eval_tasks import check_tasks
 
@@ -341,8 +342,11 @@ class RunConfig:
             shape: (attention heads, key/value heads, layers) of the model (``train.model.model_shape``).
 
         Raises:
-            ValueError: naming the settings and values that disagree.
+            ValueError: naming the settings and values that disagree, or an environment variable of
+                ``moba_core.varlen.cudnn_env`` (``MOBA_CUDNN_ATTENTION``, ``MOBA_CUDNN_MIN_SEQLEN``) and its bad
+                value, which the first attention call would raise only after the data and model are built.
         """
+        cudnn_env()
         moba_runs = uses_moba(self.schedule.name)
         if moba_runs and self.data.seq_len < self.moba.block_size:
             raise ValueError(

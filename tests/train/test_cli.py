@@ -70,6 +70,17 @@ def test_bad_setting_fails_before_training(tmp_path, data_cache, override, messa
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+def test_bad_cudnn_environment_fails_before_the_model_is_built(tmp_path, data_cache, monkeypatch):
+    """MOBA_CUDNN_MIN_SEQLEN=4k: moba_core.varlen.cudnn_env's error, raised by the config check before data and
+    model (it used to come from the first attention call, after "model ops: ..." was logged)."""
+    monkeypatch.setenv("MOBA_CUDNN_MIN_SEQLEN", "4k")
+    proc = run_train(["train.max_steps=1"], tmp_path / "bad", data_cache, check=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0
+    assert "MOBA_CUDNN_MIN_SEQLEN='4k' must be a positive number of tokens" in out
+    assert "model ops:" not in out and not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
 def test_resume_none_refuses_to_overwrite_and_changed_settings_are_named(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     run_train(["train.max_steps=2", "checkpoint.every=1", "train.eval_every=1"], run_dir, data_cache)

@@ -66,6 +66,34 @@ def test_bad_value_or_added_key_is_refused(override, message):
             to_run_config(cfg)
 
 
+@pytest.mark.parametrize("env,message", [
+    pytest.param({"MOBA_CUDNN_MIN_SEQLEN": "4k"}, "MOBA_CUDNN_MIN_SEQLEN='4k' must be a positive number of tokens",
+                 id="min-seqlen-4k"),
+    pytest.param({"MOBA_CUDNN_MIN_SEQLEN": "0"}, "MOBA_CUDNN_MIN_SEQLEN='0' must be a positive number of tokens",
+                 id="min-seqlen-0"),
+    pytest.param({"MOBA_CUDNN_ATTENTION": "maybe"}, "MOBA_CUDNN_ATTENTION='maybe' must be 1/true/on/yes or "
+                 "0/false/off/no", id="attention-maybe"),
+])
+def test_bad_cudnn_environment_is_refused_by_the_config_check(monkeypatch, env, message):
+    """The check every rank runs before any data, model or GPU work raises moba_core.varlen.cudnn_env's error;
+    it used to come from the first attention call, after the model was built and the data loaded."""
+    from moba_core.varlen import cudnn_env
+
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = to_run_config(compose("config"))
+    cfg.check()  # the environment as the test session has it
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError) as from_env:
+        cudnn_env()
+    assert str(from_env.value) == message  # the same message as moba_core's own
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg.check()
+    monkeypatch.setenv("MOBA_CUDNN_ATTENTION", "off")
+    monkeypatch.setenv("MOBA_CUDNN_MIN_SEQLEN", "8192")
+    cfg.check()  # good values pass
+
+
 @pytest.mark.parametrize(
     "overrides,expect",
     [
