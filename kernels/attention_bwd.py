@@ -85,7 +85,7 @@ def _bwd_tile(k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, dq_rows, rmask, qk_sc
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['LIST0', 'LIST1'])  # layout counts: one compile for every packing
 def _gather_rows_kernel(
     q_ptr, do_ptr, lse_ptr, delta_ptr, qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, entries_ptr, list_ptr,
     stride_qt, stride_qh, stride_dot, stride_doh, T, KSEL, LIST0, LIST1, CAP,
@@ -123,7 +123,7 @@ def _gather_rows_kernel(
         tl.store(dg_ptr + row, tl.load(delta_ptr + hq * T + t, mask=m), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB', 'LIST0'])  # layout counts: one compile for every packing
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dqacc_ptr,
     qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr,
@@ -220,7 +220,7 @@ def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, kv_rows, hkv, stride_kt, stride_kh
     return tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB', 'LIST0', 'LIST1'])  # layout counts: one compile for every packing
 def _list_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqpart_ptr,
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,

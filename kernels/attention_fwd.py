@@ -79,7 +79,7 @@ def partial_row(sel_ptr, hq, hkv, t, rmask, T, HQ0, KSEL, j, GROUP: tl.constexpr
     return ((hq - HQ0) * T + t) * KSEL + j, ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB', 'LIST0', 'LIST1'])  # layout counts: one compile for every packing
 def _list_fwd_kernel(
     q_ptr, k_ptr, v_ptr, opart_ptr, lpart_ptr,
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,

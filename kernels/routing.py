@@ -41,7 +41,7 @@ from .config import INTERPRET, kernel_config
 from .launch import launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB'])  # layout counts: one compile for every packing
 def _mean_pool_kernel(
     k_ptr, means_ptr, block_start_ptr, block_len_ptr,
     stride_kt, stride_kh,
@@ -64,7 +64,7 @@ def _mean_pool_kernel(
     tl.store(means_ptr + (hkv * NB + blk) * D + offs_d, acc, mask=offs_d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB'])  # layout counts: one compile for every packing
 def _route_topk_kernel(
     q_ptr, means_ptr, block_start_ptr, block_len_ptr, block_first_ptr, sparse_ptr, sel_ptr,
     stride_qt, stride_qh,
@@ -244,7 +244,7 @@ def default_route_precision(dtype: torch.dtype, group_routing: bool) -> str:
 SCATTER_MAX_ENTRIES = 1 << 22
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NB'])  # layout counts: one compile for every packing
 def _list_pass_kernel(sel_ptr, counts_ptr, list_ptr, entries_ptr, E, TK, NB,
                       SCATTER: tl.constexpr, BLOCK: tl.constexpr):
     """Over selection ids ``(hr * T + t) * KSEL + slot``: count each list's entries (``SCATTER`` off), or write
@@ -260,7 +260,7 @@ def _list_pass_kernel(sel_ptr, counts_ptr, list_ptr, entries_ptr, E, TK, NB,
         tl.store(entries_ptr + pos, offs.to(tl.int32), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['NL'])  # layout counts: one compile for every packing
 def _list_scan_kernel(counts_ptr, list_ptr, tile_first_ptr, NL, TILE_M, BLOCK: tl.constexpr):
     """One program: exclusive prefix sums of the list sizes (``list_ptr``) and of their query tiles
     (``tile_first``), both (NL + 1,) int64."""
