@@ -9,20 +9,24 @@ full attention, on long documents, up to the longest context that trains.
 A point is ``SEQ_LEN:full`` or ``SEQ_LEN:BLOCK:TOP_K`` (MoBA in every layer), with ``@spN`` for one sequence
 over N GPUs and ``@nockpt`` for a run without activation checkpointing (which the others use). Every point is
 one ``python -m torch.distributed.run -m train`` run of the real loop (data, DeepSpeed step, logging) of
-``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long documents) with ``BASE_OVERRIDES``
-(no checkpoint written) and the overrides
-after ``--`` (which may not set what a point, ``--steps``, ``--model`` or ``--documents`` fixes: ``POINT_KEYS``).
-Tokens/s, step time and MFU are medians over the steps after the first two (compilation, warm-up); memory is
-the CUDA peak of the run (none on a CPU). A run that fails (out of memory included) or is stopped by a
-signal is a row with ``ok: false``.
+``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long documents) packed by ``--packing``
+(``best_fit``: a document is cut only where it is longer than ``seq_len``, so long documents give samples of
+one document), with ``BASE_OVERRIDES`` (no checkpoint written) and the overrides after ``--`` (which may not set
+what a point, ``--steps``, ``--model``, ``--documents`` or ``--packing`` fixes: ``POINT_KEYS``).
+Tokens/s, step time and MFU are over the steps after the first two (compilation, warm-up), taken together:
+all their tokens over all their time, the mean step time, and the FLOPs over the time (samples differ: a
+sample of one 128K document costs full attention about four times one of short documents, while MoBA costs
+about the same; every point of a run sees the same samples in the same steps, so "vs full" compares equal
+work). Memory is the CUDA peak of the run (none on a CPU). A run that fails (out of memory included) or is
+stopped by a signal is a row with ``ok: false``.
 
 Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
 rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
 moba), ``moba`` ("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it
-existed: true), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where
+existed: true), ``packing`` (absent in rows written before it existed: concat), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where
 the table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``:
 the last step's wall, idle and per-part GPU time, ``train.profiling``), where rows of the same (seq_len,
-attention, moba, gpus, activation_checkpointing) are replaced and the others kept, so one-GPU and two-GPU
+attention, moba, gpus, activation_checkpointing, packing) are replaced and the others kept, so one-GPU and two-GPU
 runs add up. Each point's run directory under ``--run-root`` is replaced, so reruns into the same root work.
 """
 
@@ -45,7 +49,7 @@ DEFAULT_POINTS = ("32768:full,32768:512:8,32768:4096:12,32768:full@nockpt,32768:
                   "131072:full,131072:512:8,131072:4096:12,262144:512:8,524288:512:8,1048576:512:8")
 # The 1B Llama shape on long documents; lr 3e-4 warmed up over all the benchmark's steps (a fresh 1B model
 # at 1e-3 after two warm-up steps jumps from loss 8 to 11).
-BASE_OVERRIDES = ["data.packing=concat", "train.micro_batch_size=1", "train.grad_accum=1", "parallel.zero_stage=0",
+BASE_OVERRIDES = ["train.micro_batch_size=1", "train.grad_accum=1", "parallel.zero_stage=0",
                   "optim.lr=3e-4", "checkpoint.enabled=false", "checkpoint.export_hf=false",
                   "logging.wandb.mode=disabled", "train.eval_every=0", "train.eval_batches=1"]
 
@@ -75,9 +79,10 @@ def parse_point(text: str) -> dict:
 
 
 def row_key(r: dict) -> tuple:
-    """What names a point's row: (seq_len, attention, moba, gpus, activation_checkpointing); rows written before
-    the last field existed ran with checkpointing."""
-    return r["seq_len"], r["attention"], r["moba"], r["gpus"], r.get("activation_checkpointing", True)
+    """What names a point's row: (seq_len, attention, moba, gpus, activation_checkpointing, packing); rows written
+    before the last two fields existed ran with checkpointing and concat packing."""
+    return (r["seq_len"], r["attention"], r["moba"], r["gpus"], r.get("activation_checkpointing", True),
+            r.get("packing", "concat"))
 
 
 def point_label(r: dict) -> str:
@@ -91,10 +96,10 @@ def point_name(p: dict) -> str:
 
 
 def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package",
-                    profile: bool = False) -> list[str]:
+                    profile: bool = False, packing: str = "best_fit") -> list[str]:
     """The ``python -m train`` overrides of a point (before the user's); ``profile``: its last step runs under
     ``torch.profiler`` (``train.profile_step``)."""
-    out = [f"model={model}", f"data.documents={documents}", *BASE_OVERRIDES, f"data.seq_len={p['seq_len']}",
+    out = [f"model={model}", f"data.documents={documents}", f"data.packing={packing}", *BASE_OVERRIDES, f"data.seq_len={p['seq_len']}",
            f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
            f"train.activation_checkpointing={str(row_key(p)[4]).lower()}", "moba.full_attn_layers=[]",
            f"train.profile_step={steps if profile else 0}"]
@@ -109,7 +114,7 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
 POINT_KEYS = {"data.seq_len": "--points", "moba.block_size": "--points", "moba.top_k": "--points",
               "moba.full_attn_layers": "--points", "moba.layers": "--points", "parallel.sp_size": "--points (@spN)",
               "schedule": "--points", "train.activation_checkpointing": "--points (@nockpt)",
-              "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents",
+              "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents", "data.packing": "--packing",
               "train.profile_step": "--profile"}
 
 
@@ -127,18 +132,22 @@ def check_extra(extra: list[str]) -> None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Medians of the steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows: tokens/s
-    of the job (all GPUs), seconds per step (a step's tokens, ``tokens`` / ``step`` as ``tokens`` counts the run's
-    tokens so far, over its tokens/s) and MFU; the peak memory and every loss. A step run under the profiler
-    (``profiled``) is left out of the medians, unless it is the only step. The peak is None when no row has a
-    memory figure (a CPU run: ``mem_gb`` is CUDA's peak, null elsewhere)."""
+    """The steps after the first two (all steps when there are fewer) of ``metrics.jsonl`` rows taken together:
+    tokens/s of the job (all GPUs) = their tokens over their time, the mean seconds per step, and MFU = their
+    FLOPs over their time (each step's MFU weighted by its time); the peak memory and every loss. A step's time
+    is its tokens (``tokens`` / ``step``: ``tokens`` counts the run's tokens so far) over its tokens/s. Totals,
+    not medians: the samples of a run differ (one long document or many short ones), and a median picks one
+    sample's time. A step run under the profiler (``profiled``) is left out, unless it is the only step. The
+    peak is None when no row has a memory figure (a CPU run: ``mem_gb`` is CUDA's peak, null elsewhere)."""
     timed = [r for r in rows if not r.get("profiled")]
     steady = [r for r in rows[2:] if not r.get("profiled")] or timed or rows
-    mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
-    step_s = [r["tokens"] / r["step"] / r["tokens_per_s"] for r in steady if r["tokens_per_s"]]
+    steady = [r for r in steady if r["tokens_per_s"]]
+    tokens = [r["tokens"] / r["step"] for r in steady]
+    secs = [n / r["tokens_per_s"] for n, r in zip(tokens, steady)]
+    with_mfu = [(r["mfu"], s) for r, s in zip(steady, secs) if r.get("mfu") is not None]
     mem = [r["mem_gb"] for r in rows if r.get("mem_gb") is not None]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "step_s": statistics.median(step_s),
-            "mfu": statistics.median(mfu) if mfu else None,
+    return {"tokens_per_s": sum(tokens) / sum(secs), "step_s": statistics.mean(secs),
+            "mfu": sum(m * s for m, s in with_mfu) / sum(s for _, s in with_mfu) if with_mfu else None,
             "peak_gib": max(mem) if mem else None, "losses": [r["loss"] for r in rows]}
 
 
@@ -189,10 +198,10 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p["gpus"]),
            "-m", "train", f"hydra.run.dir={run_dir}",
-           *point_overrides(p, args.steps, args.model, args.documents, args.profile),
+           *point_overrides(p, args.steps, args.model, args.documents, args.profile, args.packing),
            *extra]
     print("+", " ".join(cmd), flush=True)
-    row = {**p, "ok": False, "error": None}
+    row = {**p, "packing": args.packing, "ok": False, "error": None}
     proc = run_group(cmd, args.timeout)
     if proc is None:
         return {**row, "error": f"timed out after {args.timeout} s"}
@@ -214,8 +223,9 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
 def table(results: list[dict], command: str, gpu: str) -> str:
     """The markdown section: one row per point, and MoBA's step-time speed-up over full attention at the
     same length and GPU count."""
-    full = {(r["seq_len"], r["gpus"], row_key(r)[4]): r for r in results if r["ok"] and r["attention"] == "full"}
-    lines = [f"Training benchmark, {datetime.date.today()}, {gpu}: `{command}`", "",
+    full = {row_key(r)[:1] + row_key(r)[3:]: r for r in results if r["ok"] and r["attention"] == "full"}
+    packings = sorted({row_key(r)[5] for r in results})
+    lines = [f"Training benchmark, {datetime.date.today()}, {gpu}, {'/'.join(packings)} packing: `{command}`", "",
              "| seq_len | GPUs | attention | tokens/s | step s | vs full | MFU | peak GiB | losses (first 3) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -223,7 +233,7 @@ def table(results: list[dict], command: str, gpu: str) -> str:
         if not r["ok"]:
             lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | failed: {r['error']} | | | | | |")
             continue
-        f = full.get((r["seq_len"], r["gpus"], row_key(r)[4]))
+        f = full.get(row_key(r)[:1] + row_key(r)[3:])
         speed = f"{f['step_s'] / r['step_s']:.2f}x" if f and r["moba"] else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"  # None: no CUDA peak (a CPU run)
@@ -265,7 +275,8 @@ def merge_json(path: Path, rows: list[dict]) -> list[dict]:
     old = json.loads(path.read_text()) if path.exists() else []
     new_keys = {row_key(r) for r in rows}
     merged = [r for r in old if row_key(r) not in new_keys] + rows
-    merged.sort(key=lambda r: (r["gpus"], r["seq_len"], not row_key(r)[4], r["attention"] == "moba", r["moba"] or ""))
+    merged.sort(key=lambda r: (r["gpus"], r["seq_len"], row_key(r)[5], not row_key(r)[4], r["attention"] == "moba",
+                               r["moba"] or ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
@@ -282,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="training steps per point (medians over steps 3..)")
     ap.add_argument("--model", default="llama_1b", help="the model group (configs/model/<name>.yaml)")
     ap.add_argument("--documents", default="package", help="data.documents: package (long documents) | module")
+    ap.add_argument("--packing", default="best_fit", choices=("best_fit", "concat", "pad"),
+                    help="data.packing: best_fit (a document is cut only where it is longer than seq_len) | concat "
+                         "(documents end to end, cut at every sample boundary) | pad")
     ap.add_argument("--run-root", default="runs/bench")
     ap.add_argument("--output", default="BENCHMARKS.md", help="markdown file with the marked section ('' = none)")
     ap.add_argument("--json", default="results/train.json", help="rows merged into this file ('' = none)")

@@ -28,6 +28,8 @@ def test_points_parse_and_name_their_overrides():
     assert "schedule=full" in point_overrides(parse_point("4096:full"), 5)
     assert "train.activation_checkpointing=true" in o
     assert "train.activation_checkpointing=false" in point_overrides(parse_point("4096:full@nockpt"), 5)
+    assert "data.packing=best_fit" in o and "data.packing=concat" in point_overrides(parse_point("4096:full"), 5,
+                                                                                    packing="concat")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -39,6 +41,7 @@ def test_points_parse_and_name_their_overrides():
     pytest.param(["--", "train.max_steps=9"], "own train.max_steps: set it with --steps", id="steps-key"),
     pytest.param(["--", "train.activation_checkpointing=false"], "own train.activation_checkpointing: set it with "
                  "--points (@nockpt)", id="checkpointing"),
+    pytest.param(["--", "data.packing=concat"], "own data.packing: set it with --packing", id="packing"),
     pytest.param(["--steps", "0"], "--steps 0 must be >= 1", id="steps"),
     pytest.param(["--timeout", "0"], "--timeout 0 must be > 0 seconds", id="timeout"),
     pytest.param(["--points", " , "], "--points ' , ' names no point", id="no-point"),
@@ -69,19 +72,29 @@ def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
     rows = json.loads(f.read_text())
     got = sorted((r["gpus"], r.get("activation_checkpointing", True), r["tokens_per_s"]) for r in rows)
     assert got == [(1, False, 7.0), (1, True, 4.0), (2, True, 5.0)]
+    # a run with another packing is its own row too; a row without the field was packed by concat
+    merge_json(f, [{**row, "packing": "best_fit", "tokens_per_s": 9.0}])
+    merge_json(f, [{**row, "packing": "concat", "tokens_per_s": 8.0}])
+    rows = json.loads(f.read_text())
+    got = sorted((r["gpus"], r.get("activation_checkpointing", True), r.get("packing", "concat"), r["tokens_per_s"])
+                 for r in rows)
+    assert got == [(1, False, "concat", 7.0), (1, True, "best_fit", 9.0), (1, True, "concat", 8.0),
+                   (2, True, "concat", 5.0)]
 
 
 def test_summary_of_metrics_rows_hand_worked():
-    """Steps 3 and 4 (after two warm-up steps) of 1000 tokens each at 2000 and 4000 tokens/s: 0.5 s and 0.25 s.
-    ``tokens`` in metrics.jsonl counts the run's tokens so far: step_s was tokens / tokens_per_s (1.5 s and 1 s),
-    the step time times the step number. A row carries no per-GPU rate (tokens_per_s / gpus: both are in it)."""
+    """Steps 3 and 4 (after two warm-up steps) of 1000 tokens each at 2000 and 4000 tokens/s: 0.5 s and 0.25 s,
+    so 2000 tokens in 0.75 s (2667 tokens/s; the median of the two rates said 3000, as if both samples cost the
+    same), MFU (0.2 * 0.5 + 0.4 * 0.25) / 0.75. ``tokens`` in metrics.jsonl counts the run's tokens so far:
+    step_s was tokens / tokens_per_s (1.5 s and 1 s), the step time times the step number. A row carries no
+    per-GPU rate (tokens_per_s / gpus: both are in it)."""
     from train.bench import summarize
 
     rows = [{"step": i + 1, "tokens": 1000 * (i + 1), "tokens_per_s": tps, "mfu": mfu, "mem_gb": mem, "loss": loss}
             for i, (tps, mfu, mem, loss) in enumerate([(100.0, 0.01, 1.0, 9.0), (500.0, 0.1, 3.0, 8.0),
                                                        (2000.0, 0.2, 2.0, 7.0), (4000.0, 0.4, None, 6.0)])]
-    assert summarize(rows) == {"tokens_per_s": 3000.0, "step_s": 0.375, "mfu": pytest.approx(0.3), "peak_gib": 3.0,
-                               "losses": [9.0, 8.0, 7.0, 6.0]}
+    assert summarize(rows) == {"tokens_per_s": pytest.approx(2000 / 0.75), "step_s": 0.375,
+                               "mfu": pytest.approx(0.2 / 0.75), "peak_gib": 3.0, "losses": [9.0, 8.0, 7.0, 6.0]}
     assert summarize(rows[:1])["step_s"] == 10.0  # fewer than three steps: all of them
 
 
@@ -119,7 +132,7 @@ def test_a_point_stopped_by_a_signal_is_a_failed_row(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "run_group", stopped_run)
     args = SimpleNamespace(run_root=str(tmp_path / "runs"), steps=3, model="tiny", documents="module", profile=False,
-                           timeout=60)
+                           packing="concat", timeout=60)
     row = bench.run_point(parse_point("256:full"), args, [])
     assert row["ok"] is False and row["error"] == "stopped by a signal at step 1 (SIGTERM)"
     assert bench.failure_reason("", "stopped by a signal at step 4 before the HF export (SIGINT): the last "
@@ -142,6 +155,8 @@ def test_cpu_run_writes_rows_and_table_and_reruns_into_the_same_root(tmp_path, s
         assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu"] is None  # CPU
         assert r["gpu"] == "cpu" and r["date"] and r["gpus"] == 1
         assert r["peak_gib"] is None  # no CUDA peak on a CPU (it said 0.0)
+        assert r["packing"] == "best_fit"  # the default
+    assert json.loads((root / "256_full_sp1" / "config.json").read_text())["data"]["packing"] == "best_fit"
     assert not list(root.glob("*/checkpoints/step_*"))  # checkpoint.enabled=false
     text = md.read_text()
     assert text.startswith("# Benchmarks\n\nkept text\n") and text.count(MARK_BEGIN) == text.count(MARK_END) == 1
