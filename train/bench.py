@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="Overrides for every run follow --, e.g. -- model.fused_ops=false.")
     ap.add_argument("--points", default=DEFAULT_POINTS,
                     help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K, each optionally @spN and @nockpt")
-    ap.add_argument("--steps", type=int, default=6, help="training steps per point (medians over steps 3..)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="training steps per point (tokens/s, step time and MFU over steps 3.. together: the first "
+                         "steps compile kernels and build cuDNN plans for new document lengths)")
     ap.add_argument("--model", default="llama_1b", help="the model group (configs/model/<name>.yaml)")
     ap.add_argument("--documents", default="package", help="data.documents: package (long documents) | module")
     ap.add_argument("--packing", default="best_fit", choices=("best_fit", "concat", "pad"),
