@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -171,6 +172,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+    restore_unfused_modules()
     hf_cfg = hf_config(cfg, vocab_size, log_changes=True)
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
@@ -326,6 +328,26 @@ def fused_ops_enabled(setting, device: torch.device, model_type: str | None) -> 
 
 
 FUSED_OPS = ("rms_norm", "rope", "swiglu")
+# Per modeling module (e.g. transformers.models.llama.modeling_llama): the attributes Liger-Kernel replaced in it,
+# as they were before the first replacement in this process.
+_UNFUSED: dict[str, dict[str, object]] = {}
+
+
+def restore_unfused_modules() -> None:
+    """Undo Liger-Kernel's module-level replacements made by ``apply_fused_ops`` earlier in this process.
+
+    Liger-Kernel patches the model's modeling module itself (for Llama: ``LlamaRMSNorm``, ``LlamaMLP`` and
+    ``apply_rotary_pos_emb`` in ``modeling_llama``), not only the instance, so every model built after a fused
+    one (the next job of an in-process Hydra sweep, ``python -m train.eval``, a test) got Liger's modules even
+    with ``model.fused_ops=false``, and a ``model.compile=true`` model then failed in dynamo (``prepare_layers``).
+    ``build_model`` calls this first. A fused model still alive keeps its Liger RMSNorm / SwiGLU modules; its
+    RoPE (looked up in the module at each call) is PyTorch's again until ``apply_fused_ops`` runs once more.
+    """
+    for name, attrs in _UNFUSED.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            for attr, value in attrs.items():
+                setattr(module, attr, value)
 
 
 def apply_fused_ops(lm: nn.Module, ops: tuple[str, ...] = FUSED_OPS) -> None:
@@ -345,8 +367,14 @@ def apply_fused_ops(lm: nn.Module, ops: tuple[str, ...] = FUSED_OPS) -> None:
     unknown = set(ops) - set(FUSED_OPS)
     if unknown:
         raise ValueError(f"fused ops {sorted(unknown)} are not among {FUSED_OPS}")
+    module = sys.modules[type(lm).__module__]
+    before = dict(vars(module))
     _apply_liger_kernel_to_instance(model=lm, **{op: op in ops for op in FUSED_OPS}, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
+    originals = _UNFUSED.setdefault(module.__name__, {})
+    for attr, value in before.items():  # the first original of each replaced attribute (restore_unfused_modules)
+        if vars(module).get(attr) is not value:
+            originals.setdefault(attr, value)
 
 
 def compile_layers(lm: nn.Module) -> int:

@@ -114,10 +114,6 @@ def test_compiled_layers_equal_eager_and_keep_parameter_names():
 def test_compile_with_fused_ops_keeps_liger_out_of_the_layers():
     """model.compile with model.fused_ops: dynamo failed on Liger's RMSNorm Function inside a compiled layer on an
     H200, so the compiled layers keep PyTorch's ops (the compiler fuses them); without compile they are Liger's."""
-    def liger_modules(m):  # Liger patches the instances' forward methods
-        names = {getattr(x.forward, "__qualname__", "").split(".")[0] for x in m.modules()}
-        return sorted(n for n in names if n.startswith("Liger"))
-
     from transformers.models.llama import modeling_llama
 
     a, b = twin_models()
@@ -129,6 +125,36 @@ def test_compile_with_fused_ops_keeps_liger_out_of_the_layers():
     assert torch.isfinite(tb)
     assert "Liger-Kernel fused" in prepare_layers(a, fused_ops=True, compile=False)
     assert liger_modules(a.model.layers) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+
+
+def liger_modules(m):
+    """Names of the Liger-Kernel modules in ``m`` (Liger patches the instances' forward methods)."""
+    names = {getattr(x.forward, "__qualname__", "").split(".")[0] for x in m.modules()}
+    return sorted(n for n in names if n.startswith("Liger"))
+
+
+def test_a_model_built_after_a_fused_one_is_unfused():
+    """Liger-Kernel replaces classes and RoPE in transformers' llama module itself: a model built after a fused
+    one in the same process (the next job of an in-process sweep with model.fused_ops=false, or with
+    model.compile=true, where dynamo fails on Liger's RMSNorm) got Liger's RMSNorm and SwiGLU modules."""
+    from transformers.models.llama import modeling_llama
+
+    from train.model import build_model
+
+    cfg = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_position_embeddings=256, fused_ops=False)
+    originals = {n: getattr(modeling_llama, n) for n in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    fused = build_model(cfg, 96)
+    apply_fused_ops(fused)
+    assert liger_modules(fused.model.layers) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+    assert all(getattr(modeling_llama, n) is not o for n, o in originals.items())  # the module is patched
+    plain = build_model(cfg, 96)
+    assert liger_modules(plain) == []
+    assert all(getattr(modeling_llama, n) is o for n, o in originals.items())
+    assert liger_modules(fused.model.layers) == ["LigerRMSNorm", "LigerSwiGLUMLP"]  # the fused model keeps its own
+    apply_fused_ops(plain)  # and fusing again still works
+    assert liger_modules(plain.model.layers) == ["LigerRMSNorm", "LigerSwiGLUMLP"]
+    assert modeling_llama.apply_rotary_pos_emb is not originals["apply_rotary_pos_emb"]
 
 
 def test_fused_ops_setting(monkeypatch):
