@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.corpus import DOCUMENT_MODES, check_documents
 from moba_core.hf import apply_moba, attention_modules, moba_config_from_record, set_moba_layers
 from moba_core.schedule import Schedule
+from moba_core.varlen import cudnn_env
 
 from . import checkpoint as ckpt
 from . import eval_tasks as tasks_mod
@@ -281,8 +282,11 @@ def evaluate_targets(cfg: EvalConfig, moba_overrides: dict | None = None) -> lis
     """Evaluate every target of ``cfg.eval.targets``; returns the written eval.json paths.
 
     Raises:
-        ValueError: no target, or a setting / target that cannot be evaluated (naming it).
+        ValueError: no target, a setting / target that cannot be evaluated (naming it), or a bad
+            ``MOBA_CUDNN_ATTENTION`` / ``MOBA_CUDNN_MIN_SEQLEN`` (``moba_core.varlen.cudnn_env``), before any model
+            is loaded.
     """
+    cudnn_env()
     s = cfg.eval
     if not s.targets:
         raise ValueError("no target: python -m train.eval <run dir | checkpoint | HF dir> (or eval.targets=[...])")

@@ -124,6 +124,18 @@ def test_bad_target(tmp_path):
         evaluate_targets(EvalConfig(eval=EvalSettings(targets=[str(tmp_path)])))
 
 
+def test_bad_cudnn_environment_stops_before_any_target(tmp_path, monkeypatch):
+    """A bad MOBA_CUDNN_MIN_SEQLEN used to surface at the first attention call, after the model was loaded."""
+    from moba_core.varlen import cudnn_env
+
+    monkeypatch.setenv("MOBA_CUDNN_MIN_SEQLEN", "4k")
+    with pytest.raises(ValueError) as expected:
+        cudnn_env()
+    with pytest.raises(ValueError) as got:
+        evaluate_targets(EvalConfig(eval=EvalSettings(targets=[str(tmp_path)])))  # not a target: not reached
+    assert str(got.value) == str(expected.value) and "MOBA_CUDNN_MIN_SEQLEN" in str(got.value)
+
+
 def test_package_documents_from_a_corpus_without_folders_are_refused_naming_the_setting(tmp_path):
     """eval.documents=package on a run that trained on a prepared directory (read as it is: the setting was
     silently ignored) or with eval.data_path a table file stops before the model is loaded."""
