@@ -23,11 +23,12 @@ stopped by a signal is a row with ``ok: false``.
 Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
 rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
 moba), ``moba`` ("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it
-existed: true), ``packing`` (absent in rows written before it existed: concat), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where
-the table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``:
-the last step's wall, idle and per-part GPU time, ``train.profiling``), where rows of the same (seq_len,
-attention, moba, gpus, activation_checkpointing, packing) are replaced and the others kept, so one-GPU and two-GPU
-runs add up. Each point's run directory under ``--run-root`` is replaced, so reruns into the same root work.
+existed: true), ``packing`` (absent in rows written before it existed: concat), ``tokens_per_s``,
+``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where the table shows "-"), ``ok``,
+``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``: the last step's wall, idle
+and per-part GPU time, ``train.profiling``), where rows of the same (seq_len, attention, moba, gpus,
+activation_checkpointing, packing) are replaced and the others kept, so one-GPU and two-GPU runs add up.
+Each point's run directory under ``--run-root`` is replaced, so reruns into the same root work.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
                     profile: bool = False, packing: str = "best_fit") -> list[str]:
     """The ``python -m train`` overrides of a point (before the user's); ``profile``: its last step runs under
     ``torch.profiler`` (``train.profile_step``)."""
-    out = [f"model={model}", f"data.documents={documents}", f"data.packing={packing}", *BASE_OVERRIDES, f"data.seq_len={p['seq_len']}",
+    out = [f"model={model}", f"data.documents={documents}", f"data.packing={packing}", *BASE_OVERRIDES,
+           f"data.seq_len={p['seq_len']}",
            f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
            f"train.activation_checkpointing={str(row_key(p)[4]).lower()}", "moba.full_attn_layers=[]",
            f"train.profile_step={steps if profile else 0}"]
@@ -114,8 +116,8 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
 POINT_KEYS = {"data.seq_len": "--points", "moba.block_size": "--points", "moba.top_k": "--points",
               "moba.full_attn_layers": "--points", "moba.layers": "--points", "parallel.sp_size": "--points (@spN)",
               "schedule": "--points", "train.activation_checkpointing": "--points (@nockpt)",
-              "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents", "data.packing": "--packing",
-              "train.profile_step": "--profile"}
+              "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents",
+              "data.packing": "--packing", "train.profile_step": "--profile"}
 
 
 def check_extra(extra: list[str]) -> None:
