@@ -174,6 +174,24 @@ def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing):
     return o, lse, layout, sel, lists, dense_blocks, budget, dense_saved
 
 
+def _forward_op(q, k, v, lens, block_size, top_k, scale, group_routing):
+    """``torch.ops.moba.triton_fwd``: ``_moba_forward`` as one dispatcher op, whose outputs are all tensors: o, lse,
+    sel, the list tensors (``LIST_TENSORS``, when the routing built lists) and the dense prefixes' saved LSE."""
+    o, lse, _, sel, lists, _, _, dense_saved = _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing)
+    return [o, lse, sel, *(lists[n] for n in LIST_TENSORS if lists), *dense_saved]
+
+
+# One dispatcher op for the whole forward, so that selective activation checkpointing (``torch.utils.checkpoint``
+# with ``create_selective_checkpoint_contexts``: ``train.recompute_attention=false``) can keep its outputs instead
+# of running the kernels again in the recompute; a Python autograd.Function's body is invisible to it. A
+# low-level ``torch.library`` op: ~15 us per call on a slow host, against ~500 us through ``torch.library.custom_op``.
+if not hasattr(torch.ops.moba, "triton_fwd"):
+    _LIB = torch.library.Library("moba", "DEF")
+    _LIB.define("triton_fwd(Tensor q, Tensor k, Tensor v, int[] lens, int block_size, int top_k, float scale, "
+                "bool group_routing) -> Tensor[]")
+    _LIB.impl("triton_fwd", _forward_op, "CompositeExplicitAutograd")
+
+
 class _TritonMoBA(torch.autograd.Function):
     """Every tensor the backward needs goes through ``save_for_backward``: under non-reentrant activation
     checkpointing (``torch.utils.checkpoint``, HF's gradient checkpointing) the saved-tensor hooks then drop
@@ -184,12 +202,16 @@ class _TritonMoBA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing):
-        o, lse, layout, sel, lists, dense_blocks, budget, dense_saved = _moba_forward(
-            q, k, v, lens, block_size, top_k, scale, group_routing)
-        ctx.save_for_backward(q, k, v, o, lse, sel, *(lists[n] if lists else None for n in LIST_TENSORS),
-                              *dense_saved)
-        ctx.args = (lens, layout, lists["tile_m"] if lists else None, dense_blocks, budget, top_k, block_size,
-                    scale, group_routing)
+        o, lse, sel, *rest = torch.ops.moba.triton_fwd(q, k, v, lens, block_size, top_k, scale, group_routing)
+        # what _moba_forward decided, again from the cached layout (host only)
+        dense_blocks = top_k if dense_path_enabled() else 0
+        layout = cached_layout(tuple(lens), block_size, dense_blocks, q.device)
+        has_lists = top_k > 1 and layout["NS"] > 0
+        list_tensors = rest[: len(LIST_TENSORS)] if has_lists else [None] * len(LIST_TENSORS)
+        dense_saved = rest[len(LIST_TENSORS):] if has_lists else rest
+        tile_m = kernel_config("list_fwd", block_size, q.shape[-1], q.dtype)["BLOCK_M"] if has_lists else None
+        ctx.save_for_backward(q, k, v, o, lse, sel, *list_tensors, *dense_saved)
+        ctx.args = (lens, layout, tile_m, dense_blocks, partial_budget(q), top_k, block_size, scale, group_routing)
         return o
 
     @staticmethod

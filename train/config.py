@@ -240,6 +240,10 @@ class TrainLoopConfig:
     micro_batch_size: int = 1  # packed samples per micro-batch per data-parallel rank
     grad_accum: int = 1  # micro-batches per optimizer step
     activation_checkpointing: bool = False  # recompute decoder layers in backward
+    # with activation_checkpointing: false keeps every layer's attention outputs (o, LSE; MoBA's routing lists)
+    # from the forward instead of running the attention kernels again in the recompute (selective activation
+    # checkpointing): less time, more memory (about q's size per layer)
+    recompute_attention: bool = True
     log_every: int = 1  # optimizer steps between metric lines
     eval_every: int = 0  # optimizer steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # validation micro-batches per pass (per data-parallel rank); >= 1

@@ -6,6 +6,7 @@ Hd hidden size.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -388,6 +389,41 @@ def compile_layers(lm: nn.Module) -> int:
         attn.forward = torch.compiler.disable(attn.forward)
         layer.compile(dynamic=True)
     return len(layers)
+
+
+# The attention ops whose outputs ``train.recompute_attention=false`` keeps from the forward (by schema name): MoBA's
+# Triton forward (one op: ``moba_core.triton_backend``) and the dense attention kernels of ``moba_core.varlen`` and
+# PyTorch's SDPA.
+KEPT_ATTENTION_OPS = frozenset({
+    "moba::triton_fwd", "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_efficient_attention_forward", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "flash_attn::_flash_attn_varlen_forward", "flash_attn::_flash_attn_forward",
+})
+
+
+def keep_attention_policy(ctx, op, *args, **kwargs):
+    """Selective activation checkpointing policy (``torch.utils.checkpoint.create_selective_checkpoint_contexts``):
+    keep the outputs of ``KEPT_ATTENTION_OPS``, recompute everything else (norms, projections, RoPE, MLP)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    schema = getattr(op, "_schema", None)
+    keep = schema is not None and schema.name in KEPT_ATTENTION_OPS
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointing_kwargs(recompute_attention: bool = True) -> dict:
+    """The ``gradient_checkpointing_kwargs`` of ``train.activation_checkpointing`` (non-reentrant
+    ``torch.utils.checkpoint`` per decoder layer). ``recompute_attention=False`` adds the selective policy
+    ``keep_attention_policy``: the attention kernels then run once per step instead of twice (their forward in
+    the recompute is replaced by the kept outputs), at the memory of their outputs per layer (o: tokens x
+    query heads x head dim in the model's dtype, plus the LSE and, for MoBA, the routing lists)."""
+    kwargs = {"use_reentrant": False}
+    if not recompute_attention:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_attention_policy)
+    return kwargs
 
 
 def prepare_layers(lm: nn.Module, fused_ops: bool, compile: bool) -> str:

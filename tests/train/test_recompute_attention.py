@@ -1,0 +1,88 @@
+"""train.recompute_attention=false: activation checkpointing keeps the attention kernels' outputs from the forward
+(selective checkpointing, ``train.model.checkpointing_kwargs``) instead of running them again in the recompute.
+MoBA's Triton forward is one dispatcher op (``torch.ops.moba.triton_fwd``) for this; here it runs under the
+Triton interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (as tests/kernels/conftest.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from moba_core import MoBAConfig  # noqa: E402
+from moba_core import triton_backend  # noqa: E402
+from moba_core.hf import apply_moba  # noqa: E402
+from train.model import PackedCausalLM, checkpointing_kwargs, keep_attention_policy  # noqa: E402
+
+from .test_fused_ops import loss_and_grads, packed_batch  # noqa: E402
+
+
+def model(checkpointing: dict | None):
+    """A tiny Llama (2 layers, GQA 4/2), MoBA block 16 top-2 (triton backend) in both layers, float32."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = LlamaForCausalLM(cfg)
+    apply_moba(lm, MoBAConfig(block_size=16, top_k=2, full_attn_layers=[], backend="triton"))
+    if checkpointing is not None:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    lm.train()
+    return PackedCausalLM(lm, loss_chunk_tokens=64)
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    """Counts MoBA's Triton forward (routing + kernels + dense prefixes) per run."""
+    calls = []
+    inner = triton_backend._moba_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "_moba_forward", counted)
+    return calls
+
+
+def test_kept_attention_runs_once_and_gives_the_same_gradients(forward_calls):
+    batch = packed_batch()
+    (ref, *_), g_ref = loss_and_grads(model(None), batch)
+    assert len(forward_calls) == 2  # one per layer
+    forward_calls.clear()
+    (full, *_), g_full = loss_and_grads(model(checkpointing_kwargs(recompute_attention=True)), batch)
+    assert len(forward_calls) == 4  # forward and recompute, both layers
+    forward_calls.clear()
+    (kept, *_), g_kept = loss_and_grads(model(checkpointing_kwargs(recompute_attention=False)), batch)
+    assert len(forward_calls) == 2  # the recompute reused the kept outputs
+    for loss, grads in ((full, g_full), (kept, g_kept)):
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        for k in g_ref:
+            torch.testing.assert_close(grads[k], g_ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_policy_keeps_only_attention_ops():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    keep = CheckpointPolicy.MUST_SAVE
+    assert keep_attention_policy(None, torch.ops.moba.triton_fwd.default) == keep
+    assert keep_attention_policy(None, torch.ops.aten._scaled_dot_product_cudnn_attention.default) == keep
+    assert keep_attention_policy(None, torch.ops.aten._flash_attention_forward.default) == keep
+    for op in (torch.ops.aten.mm.default, torch.ops.aten._flash_attention_backward.default,
+               torch.ops.aten.silu.default):
+        assert keep_attention_policy(None, op) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert checkpointing_kwargs() == {"use_reentrant": False}
+
+
+def test_training_run_with_kept_attention(tmp_path, data_cache):
+    """``python -m train`` wires the setting into every layer's checkpoint (a CPU run: its dense attention is
+    exact PyTorch, no kept op, so the losses equal those of the plain checkpointed run)."""
+    from .conftest import read_metrics, run_train
+
+    common = ["train.activation_checkpointing=true", "train.max_steps=2", "moba.full_attn_layers=1"]
+    run_train(common, tmp_path / "recompute", data_cache)
+    proc = run_train([*common, "train.recompute_attention=false"], tmp_path / "kept", data_cache)
+    assert "keeps the attention outputs (train.recompute_attention=false)" in proc.stdout + proc.stderr
+    a, b = read_metrics(tmp_path / "recompute"), read_metrics(tmp_path / "kept")
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-6)
