@@ -336,8 +336,8 @@ def build_block_lists(sel: torch.Tensor, nb: int, tile_m: int, deterministic: bo
                     max_tiles=max_tiles, tile_m=tile_m)
     E = sel.numel()
     # Each buffer's rows padded to a multiple of 16 bytes: its second row is then 16-byte aligned whatever nl.
-    # Triton specialises pointers on that alignment and nl = HR * NB changes with the packing (unpadded, HR = 2
-    # or 3 routing heads compiled a variant per parity of NB in the middle of training).
+    # Triton specialises pointers on that alignment and nl = HR * NB changes with the packing (unpadded, routing
+    # heads HR not a multiple of 4, e.g. 14, compiled a variant per parity of NB in the middle of training).
     counts = torch.zeros(2, triton.cdiv(nl, 4) * 4, dtype=torch.int32, device=dev)  # [0]: sizes, [1]: tickets
     ptrs = torch.empty(2, triton.cdiv(nl + 1, 2) * 2, dtype=torch.int64, device=dev)[:, : nl + 1]
     # ptrs[0]: list_ptr, ptrs[1]: tile_first (both nl + 1 long)
