@@ -5,9 +5,11 @@ full attention, on long documents, up to the longest context that trains.
     python -m train.bench --points 1048576:512:8@sp2        # one sequence over two GPUs (sequence parallel)
     python -m train.bench --points 32768:full,32768:512:8 --steps 6 -- model.fused_ops=false
     python -m train.bench --points 32768:full@nockpt        # without activation checkpointing
+    python -m train.bench --points 131072:full@keepattn     # checkpointing that keeps the attention outputs
 
 A point is ``SEQ_LEN:full`` or ``SEQ_LEN:BLOCK:TOP_K`` (MoBA in every layer), with ``@spN`` for one sequence
-over N GPUs and ``@nockpt`` for a run without activation checkpointing (which the others use). Every point is
+over N GPUs, ``@nockpt`` for a run without activation checkpointing (which the others use) and ``@keepattn`` for
+checkpointing that keeps the attention outputs (``train.recompute_attention=false``). Every point is
 one ``python -m torch.distributed.run -m train`` run of the real loop (data, DeepSpeed step, logging) of
 ``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long documents) packed by ``--packing``
 (``best_fit``: a document is cut only where it is longer than ``seq_len``, so long documents give samples of
@@ -23,11 +25,12 @@ stopped by a signal is a row with ``ok: false``.
 Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
 rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
 moba), ``moba`` ("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it
-existed: true), ``packing`` (absent in rows written before it existed: concat), ``tokens_per_s``,
-``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where the table shows "-"), ``ok``,
-``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``: the last step's wall, idle
-and per-part GPU time, ``train.profiling``), where rows of the same (seq_len, attention, moba, gpus,
-activation_checkpointing, packing) are replaced and the others kept, so one-GPU and two-GPU runs add up.
+existed: true), ``recompute_attention`` (likewise: true), ``packing`` (absent in rows written before it
+existed: concat), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where
+the table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also
+``profile_ms``: the last step's wall, idle and per-part GPU time, ``train.profiling``), where rows of the same
+(seq_len, attention, moba, gpus, activation_checkpointing, packing, recompute_attention) are replaced and the
+others kept, so one-GPU and two-GPU runs add up.
 Each point's run directory under ``--run-root`` is replaced, so reruns into the same root work.
 """
 
@@ -56,8 +59,9 @@ BASE_OVERRIDES = ["train.micro_batch_size=1", "train.grad_accum=1", "parallel.ze
 
 
 def parse_point(text: str) -> dict:
-    """``SEQ_LEN:full`` | ``SEQ_LEN:BLOCK:TOP_K``, optionally ``@spN`` and ``@nockpt`` -> ``{seq_len, attention,
-    moba, gpus, activation_checkpointing}``.
+    """``SEQ_LEN:full`` | ``SEQ_LEN:BLOCK:TOP_K``, optionally ``@spN``, ``@nockpt`` (no activation checkpointing) or
+    ``@keepattn`` (checkpointing that keeps the attention outputs: ``train.recompute_attention=false``) -> ``{seq_len,
+    attention, moba, gpus, activation_checkpointing, recompute_attention}``.
 
     Raises:
         ValueError: naming the point when it is not of that form.
@@ -67,33 +71,38 @@ def parse_point(text: str) -> dict:
     try:
         sp = [t for t in tags if t.startswith("sp")]
         gpus = int(sp[0][2:]) if sp else 1
-        if len(sp) > 1 or gpus < 1 or len(tags) != len(set(tags)) or set(tags) - set(sp) - {"nockpt"}:
+        if (len(sp) > 1 or gpus < 1 or len(tags) != len(set(tags)) or set(tags) - set(sp) - {"nockpt", "keepattn"}
+                or {"nockpt", "keepattn"} <= set(tags)):
             raise ValueError
-        p = {"seq_len": int(parts[0]), "gpus": gpus, "activation_checkpointing": "nockpt" not in tags}
+        p = {"seq_len": int(parts[0]), "gpus": gpus, "activation_checkpointing": "nockpt" not in tags,
+             "recompute_attention": "keepattn" not in tags}
         if parts[1:] == ["full"]:
             return {**p, "attention": "full", "moba": None}
         block, top_k = (int(x) for x in parts[1:])
         return {**p, "attention": "moba", "moba": f"{block}:{top_k}"}
     except ValueError:
         raise ValueError(f"--points: {text!r} is not SEQ_LEN:full or SEQ_LEN:BLOCK:TOP_K (optionally @spN, "
-                         "@nockpt)") from None
+                         "and @nockpt or @keepattn)") from None
 
 
 def row_key(r: dict) -> tuple:
-    """What names a point's row: (seq_len, attention, moba, gpus, activation_checkpointing, packing); rows written
-    before the last two fields existed ran with checkpointing and concat packing."""
+    """What names a point's row: (seq_len, attention, moba, gpus, activation_checkpointing, packing,
+    recompute_attention); rows written before the last three fields existed ran with checkpointing (recomputing
+    attention) and concat packing."""
     return (r["seq_len"], r["attention"], r["moba"], r["gpus"], r.get("activation_checkpointing", True),
-            r.get("packing", "concat"))
+            r.get("packing", "concat"), r.get("recompute_attention", True))
 
 
 def point_label(r: dict) -> str:
-    """The attention column of the tables: "full" or "MoBA 512:8", and "(no ckpt)" without checkpointing."""
-    return (f"MoBA {r['moba']}" if r["moba"] else "full") + ("" if row_key(r)[4] else " (no ckpt)")
+    """The attention column of the tables: "full" or "MoBA 512:8", and "(no ckpt)" without checkpointing or
+    "(attention kept)" with checkpointing that keeps the attention outputs."""
+    return ((f"MoBA {r['moba']}" if r["moba"] else "full") + ("" if row_key(r)[4] else " (no ckpt)")
+            + ("" if row_key(r)[6] else " (attention kept)"))
 
 
 def point_name(p: dict) -> str:
     return (f"{p['seq_len']}_{p['moba'].replace(':', '-') if p['moba'] else 'full'}_sp{p['gpus']}"
-            + ("" if row_key(p)[4] else "_nockpt"))
+            + ("" if row_key(p)[4] else "_nockpt") + ("" if row_key(p)[6] else "_keepattn"))
 
 
 def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package",
@@ -103,7 +112,8 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
     out = [f"model={model}", f"data.documents={documents}", f"data.packing={packing}", *BASE_OVERRIDES,
            f"data.seq_len={p['seq_len']}",
            f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
-           f"train.activation_checkpointing={str(row_key(p)[4]).lower()}", "moba.full_attn_layers=[]",
+           f"train.activation_checkpointing={str(row_key(p)[4]).lower()}",
+           f"train.recompute_attention={str(row_key(p)[6]).lower()}", "moba.full_attn_layers=[]",
            f"train.profile_step={steps if profile else 0}"]
     if p["attention"] == "full":
         return [*out, "schedule=full"]
@@ -116,6 +126,7 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
 POINT_KEYS = {"data.seq_len": "--points", "moba.block_size": "--points", "moba.top_k": "--points",
               "moba.full_attn_layers": "--points", "moba.layers": "--points", "parallel.sp_size": "--points (@spN)",
               "schedule": "--points", "train.activation_checkpointing": "--points (@nockpt)",
+              "train.recompute_attention": "--points (@keepattn)",
               "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents",
               "data.packing": "--packing", "train.profile_step": "--profile"}
 
@@ -277,8 +288,8 @@ def merge_json(path: Path, rows: list[dict]) -> list[dict]:
     old = json.loads(path.read_text()) if path.exists() else []
     new_keys = {row_key(r) for r in rows}
     merged = [r for r in old if row_key(r) not in new_keys] + rows
-    merged.sort(key=lambda r: (r["gpus"], r["seq_len"], row_key(r)[5], not row_key(r)[4], r["attention"] == "moba",
-                               r["moba"] or ""))
+    merged.sort(key=lambda r: (r["gpus"], r["seq_len"], row_key(r)[5], not row_key(r)[4], not row_key(r)[6],
+                               r["attention"] == "moba", r["moba"] or ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     return merged
@@ -291,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.bench", description=" ".join(__doc__.split("\n\n")[0].split()),
                                  epilog="Overrides for every run follow --, e.g. -- model.fused_ops=false.")
     ap.add_argument("--points", default=DEFAULT_POINTS,
-                    help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K, each optionally @spN and @nockpt")
+                    help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K, each optionally @spN, and @nockpt or "
+                         "@keepattn")
     ap.add_argument("--steps", type=int, default=10,
                     help="training steps per point (tokens/s, step time and MFU over steps 3.. together: the first "
                          "steps compile kernels and build cuDNN plans for new document lengths)")

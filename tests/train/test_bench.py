@@ -5,20 +5,32 @@ import json
 
 import pytest
 
-from train.bench import MARK_BEGIN, MARK_END, check_extra, main, merge_json, parse_point, point_overrides
+from train.bench import (
+    MARK_BEGIN,
+    MARK_END,
+    check_extra,
+    main,
+    merge_json,
+    parse_point,
+    point_label,
+    point_name,
+    point_overrides,
+    table,
+)
 
 from .conftest import SMALL, small_data_args
 
 
 def test_points_parse_and_name_their_overrides():
     assert parse_point("32768:full") == {"seq_len": 32768, "attention": "full", "moba": None, "gpus": 1,
-                                         "activation_checkpointing": True}
+                                         "activation_checkpointing": True, "recompute_attention": True}
     assert parse_point("1048576:512:8@sp2") == {"seq_len": 1048576, "attention": "moba", "moba": "512:8", "gpus": 2,
-                                                "activation_checkpointing": True}
+                                                "activation_checkpointing": True, "recompute_attention": True}
     assert parse_point("32768:512:8@nockpt@sp2") == {**parse_point("32768:512:8@sp2"),
                                                      "activation_checkpointing": False}
+    assert parse_point("32768:512:8@keepattn") == {**parse_point("32768:512:8"), "recompute_attention": False}
     for bad in ("32768", "32768:512", "x:full", "32768:full@dp2", "32768:512:8:1", "32768:full@sp2@sp2",
-                "32768:full@nockpt@nockpt", "32768:full@ckpt"):
+                "32768:full@nockpt@nockpt", "32768:full@ckpt", "32768:full@nockpt@keepattn"):
         with pytest.raises(ValueError, match=f"--points: '{bad}' is not SEQ_LEN:full"):
             parse_point(bad)
     o = point_overrides(parse_point("4096:256:4@sp2"), 5)
@@ -28,6 +40,10 @@ def test_points_parse_and_name_their_overrides():
     assert "schedule=full" in point_overrides(parse_point("4096:full"), 5)
     assert "train.activation_checkpointing=true" in o
     assert "train.activation_checkpointing=false" in point_overrides(parse_point("4096:full@nockpt"), 5)
+    assert "train.recompute_attention=true" in o
+    kept = point_overrides(parse_point("4096:full@keepattn"), 5)
+    assert {"train.activation_checkpointing=true", "train.recompute_attention=false"} <= set(kept)
+    assert point_name(parse_point("4096:256:4@keepattn")) == "4096_256-4_sp1_keepattn"
     assert "data.packing=best_fit" in o and "data.packing=concat" in point_overrides(parse_point("4096:full"), 5,
                                                                                     packing="concat")
 
@@ -42,6 +58,8 @@ def test_points_parse_and_name_their_overrides():
     pytest.param(["--", "train.activation_checkpointing=false"], "own train.activation_checkpointing: set it with "
                  "--points (@nockpt)", id="checkpointing"),
     pytest.param(["--", "data.packing=concat"], "own data.packing: set it with --packing", id="packing"),
+    pytest.param(["--", "train.recompute_attention=false"], "own train.recompute_attention: set it with --points "
+                 "(@keepattn)", id="recompute-attention"),
     pytest.param(["--steps", "0"], "--steps 0 must be >= 1", id="steps"),
     pytest.param(["--timeout", "0"], "--timeout 0 must be > 0 seconds", id="timeout"),
     pytest.param(["--points", " , "], "--points ' , ' names no point", id="no-point"),
@@ -80,6 +98,27 @@ def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
                  for r in rows)
     assert got == [(1, False, "concat", 7.0), (1, True, "best_fit", 9.0), (1, True, "concat", 8.0),
                    (2, True, "concat", 5.0)]
+    # and one that keeps the attention outputs; a row without the field recomputed them
+    merge_json(f, [{**row, "recompute_attention": False, "tokens_per_s": 6.0}])
+    merge_json(f, [{**row, "recompute_attention": True, "tokens_per_s": 8.5}])
+    rows = json.loads(f.read_text())
+    got = sorted((r.get("packing", "concat"), r.get("recompute_attention", True), r["tokens_per_s"]) for r in rows
+                 if r["gpus"] == 1 and r.get("activation_checkpointing", True))
+    assert got == [("best_fit", True, 9.0), ("concat", False, 6.0), ("concat", True, 8.5)]
+
+
+def test_vs_full_compares_rows_of_the_same_checkpointing():
+    """A MoBA row's speed-up is against the full-attention row of the same length, GPUs, checkpointing, packing and
+    attention recompute: here 10 s / 4 s for the plain pair and 6 s / 3 s for the kept-attention pair."""
+    def row(point, step_s):
+        return {**parse_point(point), "packing": "best_fit", "ok": True, "error": None, "tokens_per_s": 1.0,
+                "step_s": step_s, "mfu": 0.3, "peak_gib": 1.0, "losses": [1.0]}
+
+    rows = [row("8:full", 10.0), row("8:16:2", 4.0), row("8:full@keepattn", 6.0), row("8:16:2@keepattn", 3.0)]
+    text = table(rows, "cmd", "gpu")
+    assert f"| {point_label(rows[1])} | 1 | 4.00 | 2.50x |" in text
+    assert f"| {point_label(rows[3])} | 1 | 3.00 | 2.00x |" in text
+    assert point_label(rows[3]) == "MoBA 16:2 (attention kept)"
 
 
 def test_summary_of_metrics_rows_hand_worked():
