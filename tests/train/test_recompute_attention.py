@@ -11,10 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from moba_core import (
-    MoBAConfig,  # noqa: E402
-    triton_backend,  # noqa: E402
-)
+from moba_core import MoBAConfig, triton_backend  # noqa: E402
 from moba_core.hf import apply_moba  # noqa: E402
 from train.model import PackedCausalLM, checkpointing_kwargs, keep_attention_policy  # noqa: E402
 
