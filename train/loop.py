@@ -31,8 +31,8 @@ from .model import (
     attended_keys,
     build_model,
     check_tokenizer_fits,
-    checkpointing_kwargs,
     count_params,
+    enable_activation_checkpointing,
     fused_ops_enabled,
     model_shape,
     model_type_of,
@@ -235,8 +235,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         moba_layer_ids = apply_moba(lm, moba_cfg)
     ops_done = prepare_layers(lm, fused_ops, cfg.model.compile)
     if cfg.train.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(
-            cfg.train.recompute_attention))
+        enable_activation_checkpointing(lm, cfg.train.recompute_attention)
         if not cfg.train.recompute_attention:
             log.info("activation checkpointing keeps the attention outputs (train.recompute_attention=false)")
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens, fused_loss=fused_ops)

@@ -426,6 +426,17 @@ def checkpointing_kwargs(recompute_attention: bool = True) -> dict:
     return kwargs
 
 
+def enable_activation_checkpointing(lm: nn.Module, recompute_attention: bool = True) -> None:
+    """``train.activation_checkpointing``: every decoder layer of the HF model ``lm`` under non-reentrant
+    ``torch.utils.checkpoint`` with ``checkpointing_kwargs(recompute_attention)``, through transformers'
+    ``activation_checkpointing_enable`` (its older name ``gradient_checkpointing_enable`` before transformers 5)."""
+    kwargs = checkpointing_kwargs(recompute_attention)
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare_layers(lm: nn.Module, fused_ops: bool, compile: bool) -> str:
     """Apply ``model.fused_ops`` and ``model.compile`` to ``lm`` in place; returns what was done, for the log.
 

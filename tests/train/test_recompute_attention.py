@@ -13,20 +13,25 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from moba_core import MoBAConfig, triton_backend  # noqa: E402
 from moba_core.hf import apply_moba  # noqa: E402
-from train.model import PackedCausalLM, checkpointing_kwargs, keep_attention_policy  # noqa: E402
+from train.model import (  # noqa: E402
+    PackedCausalLM,
+    checkpointing_kwargs,
+    enable_activation_checkpointing,
+    keep_attention_policy,
+)
 
 from .test_fused_ops import loss_and_grads, packed_batch  # noqa: E402
 
 
-def model(checkpointing: dict | None):
+def model(recompute_attention: bool | None):
     """A tiny Llama (2 layers, GQA 4/2), MoBA block 16 top-2 (triton backend) in both layers, float32."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     lm = LlamaForCausalLM(cfg)
     apply_moba(lm, MoBAConfig(block_size=16, top_k=2, full_attn_layers=[], backend="triton"))
-    if checkpointing is not None:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if recompute_attention is not None:  # None: no checkpointing
+        enable_activation_checkpointing(lm, recompute_attention)
     lm.train()
     return PackedCausalLM(lm, loss_chunk_tokens=64)
 
@@ -50,10 +55,10 @@ def test_kept_attention_runs_once_and_gives_the_same_gradients(forward_calls):
     (ref, *_), g_ref = loss_and_grads(model(None), batch)
     assert len(forward_calls) == 2  # one per layer
     forward_calls.clear()
-    (full, *_), g_full = loss_and_grads(model(checkpointing_kwargs(recompute_attention=True)), batch)
+    (full, *_), g_full = loss_and_grads(model(recompute_attention=True), batch)
     assert len(forward_calls) == 4  # forward and recompute, both layers
     forward_calls.clear()
-    (kept, *_), g_kept = loss_and_grads(model(checkpointing_kwargs(recompute_attention=False)), batch)
+    (kept, *_), g_kept = loss_and_grads(model(recompute_attention=False), batch)
     assert len(forward_calls) == 2  # the recompute reused the kept outputs
     for loss, grads in ((full, g_full), (kept, g_kept)):
         torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
