@@ -150,11 +150,18 @@ def summarize(rows: list[dict]) -> dict:
     FLOPs over their time (each step's MFU weighted by its time); the peak memory and every loss. A step's time
     is its tokens (``tokens`` / ``step``: ``tokens`` counts the run's tokens so far) over its tokens/s. Totals,
     not medians: the samples of a run differ (one long document or many short ones), and a median picks one
-    sample's time. A step run under the profiler (``profiled``) is left out, unless it is the only step. The
-    peak is None when no row has a memory figure (a CPU run: ``mem_gb`` is CUDA's peak, null elsewhere)."""
-    timed = [r for r in rows if not r.get("profiled")]
-    steady = [r for r in rows[2:] if not r.get("profiled")] or timed or rows
-    steady = [r for r in steady if r["tokens_per_s"]]
+    sample's time. A step run under the profiler (``profiled``) is left out, unless it is the only step, and so
+    is a step without a rate (tokens/s 0 or null: no time to count). The peak is None when no row has a memory
+    figure (a CPU run: ``mem_gb`` is CUDA's peak, null elsewhere).
+
+    Raises:
+        ValueError: no step has a tokens/s.
+    """
+    rated = [r for r in rows if r.get("tokens_per_s")]
+    steady = ([r for r in rows[2:] if r.get("tokens_per_s") and not r.get("profiled")]
+              or [r for r in rated if not r.get("profiled")] or rated)
+    if not steady:
+        raise ValueError("no step of metrics.jsonl has a tokens_per_s")
     tokens = [r["tokens"] / r["step"] for r in steady]
     secs = [n / r["tokens_per_s"] for n, r in zip(tokens, steady)]
     with_mfu = [(r["mfu"], s) for r, s in zip(steady, secs) if r.get("mfu") is not None]
@@ -223,7 +230,10 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
         print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
         return {**row, "error": failure_reason(proc.stderr, proc.stdout) or f"exit {proc.returncode}"}
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x]
-    row = {**row, **summarize(rows), "ok": True}
+    try:
+        row = {**row, **summarize(rows), "ok": True}
+    except ValueError as e:
+        return {**row, "error": str(e)}
     from .profiling import summary_path
 
     prof = summary_path(run_dir, args.steps)

@@ -137,6 +137,44 @@ def test_summary_of_metrics_rows_hand_worked():
     assert summarize(rows[:1])["step_s"] == 10.0  # fewer than three steps: all of them
 
 
+def test_summary_leaves_out_steps_without_a_rate():
+    """A step with tokens/s 0 (or null) has no time to count. When the steps after the first two had none, the
+    summary divided by zero (ZeroDivisionError: the benchmark stopped) instead of taking the steps that have one,
+    as it does when there are fewer than three; with no rate at all it says so."""
+    from train.bench import summarize
+
+    rows = [{"step": i + 1, "tokens": 1000 * (i + 1), "tokens_per_s": tps, "mfu": mfu, "mem_gb": None, "loss": 5.0}
+            for i, (tps, mfu) in enumerate([(1000.0, 0.1), (500.0, 0.2), (0.0, None)])]
+    # steps 1 and 2: 1000 tokens in 1 s and in 2 s
+    assert summarize(rows) == {"tokens_per_s": pytest.approx(2000 / 3), "step_s": 1.5,
+                               "mfu": pytest.approx((0.1 * 1 + 0.2 * 2) / 3), "peak_gib": None,
+                               "losses": [5.0, 5.0, 5.0]}
+    assert summarize([*rows, {**rows[0], "step": 4, "tokens": 4000, "tokens_per_s": 250.0}])["step_s"] == 4.0
+    with pytest.raises(ValueError, match="no step of metrics.jsonl has a tokens_per_s"):
+        summarize([{**r, "tokens_per_s": None} for r in rows])
+
+
+def test_a_run_without_a_rate_is_a_failed_row(tmp_path, monkeypatch):
+    """The summary's error is the point's failed row; the benchmark goes on to its next point."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from train import bench
+
+    def finished_run(cmd, timeout):
+        run_dir = tmp_path / "runs" / "256_full_sp1"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 256, "tokens_per_s": 0.0,
+                                                           "mfu": None, "mem_gb": None, "loss": 7.0}) + "\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench, "run_group", finished_run)
+    args = SimpleNamespace(run_root=str(tmp_path / "runs"), steps=1, model="tiny", documents="module", profile=False,
+                           packing="concat", timeout=60)
+    row = bench.run_point(parse_point("256:full"), args, [])
+    assert row["ok"] is False and row["error"] == "no step of metrics.jsonl has a tokens_per_s"
+
+
 def test_a_cpu_run_has_no_peak_memory():
     """On a CPU every ``mem_gb`` is null (there is no CUDA peak): the table printed 0.0 GiB and the JSON said 0.0."""
     from train.bench import summarize, table
