@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -244,8 +245,8 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
 
 
 def table(results: list[dict], command: str, gpu: str) -> str:
-    """The markdown section: one row per point, and MoBA's step-time speed-up over full attention at the
-    same length and GPU count."""
+    """The markdown section: one row per point, and MoBA's step-time speed-up over full attention run the same
+    way (``row_key`` less attention and moba: length, GPUs, checkpointing, packing, attention recompute)."""
     full = {row_key(r)[:1] + row_key(r)[3:]: r for r in results if r["ok"] and r["attention"] == "full"}
     packings = sorted({row_key(r)[5] for r in results})
     lines = [f"Training benchmark, {datetime.date.today()}, {gpu}, {'/'.join(packings)} packing: `{command}`", "",
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("WANDB_MODE", "disabled")
-    command = "python -m train.bench " + " ".join(raw)
+    command = "python -m train.bench " + shlex.join(raw)  # quoted: runs as written ('' and spaces kept)
     results = []
     for p in points:
         results.append({**run_point(p, args, extra),

@@ -175,6 +175,23 @@ def test_a_run_without_a_rate_is_a_failed_row(tmp_path, monkeypatch):
     assert row["ok"] is False and row["error"] == "no step of metrics.jsonl has a tokens_per_s"
 
 
+def test_the_table_names_a_command_that_runs_as_written(tmp_path, monkeypatch):
+    """The heading's command is quoted: joined with spaces, ``--json ''`` read ``--json`` (followed by the next
+    option) and a path with a space became two arguments."""
+    import shlex
+
+    from train import bench
+
+    monkeypatch.setattr(bench, "run_point", lambda p, args, extra: {
+        **p, "packing": args.packing, "ok": True, "error": None, "tokens_per_s": 10.0, "step_s": 1.0, "mfu": None,
+        "peak_gib": None, "losses": [5.0]})
+    md = tmp_path / "B.md"
+    argv = ["--points", "256:full", "--run-root", str(tmp_path / "a b"), "--output", str(md), "--json", ""]
+    assert main(argv) == 0
+    heading = next(line for line in md.read_text().splitlines() if line.startswith("Training benchmark"))
+    assert shlex.split(heading.split("`")[1]) == ["python", "-m", "train.bench", *argv]
+
+
 def test_a_cpu_run_has_no_peak_memory():
     """On a CPU every ``mem_gb`` is null (there is no CUDA peak): the table printed 0.0 GiB and the JSON said 0.0."""
     from train.bench import summarize, table
