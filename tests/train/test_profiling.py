@@ -57,20 +57,21 @@ def test_profile_step_outside_the_run_is_refused():
         TrainLoopConfig(max_steps=5, profile_step=-1)
 
 
-def test_profiled_steps_are_left_out_of_the_benchmark_medians():
+def test_profiled_steps_are_left_out_of_the_benchmark_figures():
+    """Steps 3-4 of 100 tokens at 100 and 200 tokens/s: 200 tokens in 1.5 s; step 5 ran under the profiler."""
     rows = [{"step": i + 1, "tokens": 100 * (i + 1), "tokens_per_s": tps, "mfu": None, "mem_gb": 1.0, "loss": 1.0}
             for i, tps in enumerate([10.0, 10.0, 100.0, 200.0, 1.0])]
     rows[-1]["profiled"] = True
-    assert summarize(rows)["tokens_per_s"] == 150.0  # steps 3-4; step 5 ran under the profiler
+    assert summarize(rows)["tokens_per_s"] == pytest.approx(200 / 1.5)
 
 
-def test_profiled_step_is_left_out_of_the_medians_of_a_short_benchmark():
-    """``--steps 3 --profile``: no unprofiled step after the first two, so the medians fall back to the steps
-    before the profiled one, not to every step (which made the profiled step the median)."""
+def test_profiled_step_is_left_out_of_the_figures_of_a_short_benchmark():
+    """``--steps 3 --profile``: no unprofiled step after the first two, so the figures fall back to the steps
+    before the profiled one (200 tokens in 10 s + 5 s), not to every step (which counted the profiled step)."""
     rows = [{"step": i + 1, "tokens": 100 * (i + 1), "tokens_per_s": tps, "mfu": None, "mem_gb": 1.0, "loss": 1.0}
             for i, tps in enumerate([10.0, 20.0, 100.0])]
     rows[-1]["profiled"] = True
-    assert summarize(rows)["tokens_per_s"] == 15.0  # steps 1-2, not the profiled step 3
+    assert summarize(rows)["tokens_per_s"] == pytest.approx(200 / 15)  # steps 1-2, not the profiled step 3
     assert summarize(rows[-1:])["tokens_per_s"] == 100.0  # one step, profiled: the only one there is
 
 
