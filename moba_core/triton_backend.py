@@ -65,14 +65,25 @@ def partial_budget(q: torch.Tensor) -> int:
     return max(q.numel() * q.element_size(), floor_mib << 20)
 
 
+def dense_blocks_of(top_k: int) -> int:
+    """Blocks at the start of each document that the dense path takes: ``top_k``, or 0 with ``MOBA_DENSE_PATH=0``."""
+    return top_k if dense_path_enabled() else 0
+
+
+def list_tile(q, layout: dict, block_size: int, top_k: int) -> int | None:
+    """The query tile of the routing lists (``build_block_lists``), or None when the routing builds none
+    (``top_k = 1``, or no sparse block in ``layout``)."""
+    if top_k > 1 and layout["NS"]:
+        return kernel_config("list_fwd", block_size, q.shape[-1], q.dtype)["BLOCK_M"]
+    return None
+
+
 def moba_routing(q, k, lens, block_size: int, top_k: int, group_routing: bool, dense_blocks: int):
     """Routing tables for the kernels: (layout, sel, lists or None). No host sync."""
     layout = cached_layout(tuple(lens), block_size, dense_blocks, q.device)
     sel = route_topk(q, block_means(k, layout), layout, top_k, block_size, group_routing)
-    lists = None
-    if top_k > 1 and layout["NS"]:
-        tile_m = kernel_config("list_fwd", block_size, q.shape[-1], q.dtype)["BLOCK_M"]
-        lists = build_block_lists(sel, layout["NB"], tile_m)
+    tile_m = list_tile(q, layout, block_size, top_k)
+    lists = None if tile_m is None else build_block_lists(sel, layout["NB"], tile_m)
     return layout, sel, lists
 
 
@@ -162,7 +173,7 @@ LIST_TENSORS = ("entries", "list_ptr", "tile_list", "tile_first")  # the tensors
 
 def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing):
     """Both parts of the forward; returns (o, lse, layout, sel, lists, dense_blocks, budget, dense_saved)."""
-    dense_blocks = top_k if dense_path_enabled() else 0
+    dense_blocks = dense_blocks_of(top_k)
     T, HQ, D = q.shape
     o = torch.empty((T, HQ, D), device=q.device, dtype=q.dtype)
     budget = partial_budget(q)
@@ -203,13 +214,14 @@ class _TritonMoBA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing):
         o, lse, sel, *rest = torch.ops.moba.triton_fwd(q, k, v, lens, block_size, top_k, scale, group_routing)
-        # what _moba_forward decided, again from the cached layout (host only)
-        dense_blocks = top_k if dense_path_enabled() else 0
+        # what _moba_forward decided, by the same functions on the cached layout (host only: under selective
+        # checkpointing the recompute gets the op's kept outputs, not its host values)
+        dense_blocks = dense_blocks_of(top_k)
         layout = cached_layout(tuple(lens), block_size, dense_blocks, q.device)
-        has_lists = top_k > 1 and layout["NS"] > 0
-        list_tensors = rest[: len(LIST_TENSORS)] if has_lists else [None] * len(LIST_TENSORS)
-        dense_saved = rest[len(LIST_TENSORS):] if has_lists else rest
-        tile_m = kernel_config("list_fwd", block_size, q.shape[-1], q.dtype)["BLOCK_M"] if has_lists else None
+        tile_m = list_tile(q, layout, block_size, top_k)
+        n_lists = 0 if tile_m is None else len(LIST_TENSORS)
+        list_tensors = rest[:n_lists] or [None] * len(LIST_TENSORS)
+        dense_saved = rest[n_lists:]
         ctx.save_for_backward(q, k, v, o, lse, sel, *list_tensors, *dense_saved)
         ctx.args = (lens, layout, tile_m, dense_blocks, partial_budget(q), top_k, block_size, scale, group_routing)
         return o
