@@ -81,8 +81,8 @@ def main():
                 os.environ["MOBA_FUSED_DQ"] = FUSED.get(name, "1")
                 try:
                     with torch.no_grad():
-                        o, state = tb._moba_forward(q, k, v, lens, bs, top_k, scale, False, build_graph=False)
-                    layout, sel, lists, lse, dense, dense_blocks, budget = state
+                        o, lse, layout, sel, lists, dense_blocks, budget, _ = tb._moba_forward(
+                            q, k, v, lens, bs, top_k, scale, False)
                     saved = only(name)
                     try:
                         if name == "route":
