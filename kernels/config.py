@@ -12,7 +12,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Fixed launch configuration of one kernel (tiles, warps, stages), chosen without autotuning.
 
-    Measured on an H200 (bf16, D=128, ``launch/tune_kernels.py``; see ``kernels/NOTES.md``). A table instead of
+    Measured on an H200 (bf16, D=128 at 16 heads and D=64 at 32 query / 8 KV heads, ``launch/tune_kernels.py``;
+    see ``kernels/NOTES.md``, "session 8 sweep"). A table instead of
     ``triton.autotune``: the first call at a new shape then costs compilation only, and the same choice
     holds in every process. ``MOBA_CFG_<NAME>=BM,BN,WARPS,STAGES`` overrides an entry (for sweeps).
     Tiles never exceed the block (``BLOCK_SIZE % BN == 0`` is required where keys of a block are tiled);
@@ -28,15 +29,24 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
         bm, bn, w, s = 16, 16, 4, 1
     else:
         big = head_dim > 64 or dtype == torch.float32
-        bm, bn, w, s = {
-            "list_fwd": ((64, 64, 4, 3) if block_size <= 512 else (128, 64, 8, 3)) if big else (128, 128, 8, 3),
-            "combine_fwd": (64, 64, 4, 3),
-            "dkdv": (32, 64, 4, 2),
-            "dkdv_fused": (32, 128, 8, 2),
-            "list_dq": (128, 32, 4, 3),
-            "diag_dq": (128, 64, 8, 2),
-            "route": (64, 32, 4, 2),
-        }[name]
+        small_block = block_size <= 512
+        if big:  # D 96 / 128, or fp32
+            table = {
+                "list_fwd": (64, 64, 4, 3) if small_block else (128, 64, 8, 3),
+                "dkdv": (32, 64, 4, 3),
+                "dkdv_fused": (32, 128, 8, 3),
+                "list_dq": (128, 32, 4, 3),
+                "diag_dq": (128, 32, 4, 3) if small_block else (128, 64, 8, 3),
+            }
+        else:  # D <= 64 in bf16 / fp16 (the 1B training shape): wider key tiles fit 4 warps' registers
+            table = {
+                "list_fwd": (128, 64, 4, 3) if small_block else (128, 128, 8, 3),
+                "dkdv": (32, 128, 4, 3),
+                "dkdv_fused": (32, 128, 8, 2),
+                "list_dq": (128, 64, 4, 3),
+                "diag_dq": (128, 32, 8, 3),
+            }
+        bm, bn, w, s = {**table, "combine_fwd": (64, 64, 4, 3), "route": (64, 32, 4, 2)}[name]
         if dtype == torch.float32 and name != "route":
             # fp32 operands split for "tf32x3" need 4x the shared memory of bf16 ones: the fused dK/dV kernel at
             # 32 x 64, 2 stages asked for 262 KB (H200 limit 227 KB); 32 x 32 tiles without pipelining fit all

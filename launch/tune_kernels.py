@@ -2,8 +2,9 @@
 ``kernels.config.kernel_config``): python launch/tune_kernels.py [--points ...] [--out FILE].
 
 For every point and kernel, the other kernels of the same pass are replaced by no-ops, so a row is the
-time of that kernel alone (median of a few runs, bf16, 16 heads, D=128). Configs are set through the
-``MOBA_CFG_<NAME>=BM,BN,WARPS,STAGES`` overrides that ``kernel_config`` reads on every call.
+time of that kernel alone (median of a few runs, bf16; 16 heads at D=128 unless ``--heads HQ:HKV`` and
+``--head-dim`` say otherwise, e.g. ``--heads 32:8 --head-dim 64`` for the 1B training shape). Configs are
+set through the ``MOBA_CFG_<NAME>=BM,BN,WARPS,STAGES`` overrides that ``kernel_config`` reads on every call.
 """
 
 # ruff: noqa: B023 - the timed lambdas capture loop variables on purpose: each runs only in its iteration
@@ -24,11 +25,14 @@ from train.bench_kernels import parse_point, timed
 SWEEP = {
     "list_fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 4)],
     "combine_fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-    "dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 8, 3),
+             (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (16, 128, 8, 3), (64, 64, 8, 3)],
     "dkdv_fused": [(32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 2),
                    (64, 128, 8, 3), (32, 128, 4, 2)],
-    "list_dq": [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
-    "diag_dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2)],
+    "list_dq": [(128, 64, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                (128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 4)],
+    "diag_dq": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3),
+                (128, 32, 8, 3)],
     "route": [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
               (32, 64, 4, 2)],
 }
@@ -64,15 +68,20 @@ def main():
     ap.add_argument("--points", nargs="+", default=["131072:4096:12", "32768:2048:3", "131072:512:8", "8192:512:3"])
     ap.add_argument("--kernels", default=",".join(SWEEP))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--heads", default="16:16", help="query heads:KV heads")
+    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--out", default="tune.json")
     args = ap.parse_args()
-    H, D = 16, 128
+    HQ, HKV = (int(x) for x in args.heads.split(":"))
+    D = args.head_dim
+    shape = f"{HQ}:{HKV}xD{D}"
     rows = []
     for p in args.points:
         nseq, L, bs, top_k = parse_point(p)
         T = nseq * L
         torch.manual_seed(0)
-        q, k, v, do = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, do = (torch.randn(T, HQ, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(T, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         lens = [L] * nseq
         scale = D ** -0.5
         for name in args.kernels.split(","):
@@ -99,8 +108,9 @@ def main():
                         restore(saved)
                 except Exception as e:  # noqa: BLE001 - a failing config is a row, not the end of the sweep
                     ms = f"err {type(e).__name__}: {str(e)[:80]}"
-                rows.append(dict(point=p, kernel=name, cfg=cfg, ms=ms))
-                print(f"{p:16s} {name:12s} {str(cfg):18s} {ms if isinstance(ms, str) else f'{ms:8.2f}'}", flush=True)
+                rows.append(dict(point=p, shape=shape, kernel=name, cfg=cfg, ms=ms))
+                cell = ms if isinstance(ms, str) else f"{ms:8.2f}"
+                print(f"{p:16s} {shape} {name:12s} {str(cfg):18s} {cell}", flush=True)
             os.environ.pop(f"MOBA_CFG_{name.upper()}", None)
             os.environ.pop("MOBA_FUSED_DQ", None)
         with torch.no_grad():
@@ -115,7 +125,7 @@ def main():
             for name, fn in parts.items():
                 ms = timed(fn, args.reps)
                 print(f"{p:16s} {name} {ms:.2f} ms", flush=True)
-                rows.append(dict(point=p, kernel=name, cfg=None, ms=ms))
+                rows.append(dict(point=p, shape=shape, kernel=name, cfg=None, ms=ms))
     json.dump(rows, open(args.out, "w"), indent=1)
     best = {}
     for r in rows:
@@ -124,7 +134,7 @@ def main():
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
     for (p, kname), r in best.items():
-        print(f"BEST {p:16s} {kname:12s} {r['cfg']} {r['ms']:.2f} ms")
+        print(f"BEST {p:16s} {shape} {kname:12s} {r['cfg']} {r['ms']:.2f} ms")
 
 
 if __name__ == "__main__":
