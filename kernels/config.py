@@ -44,7 +44,7 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
                 "dkdv": (32, 128, 4, 3),
                 "dkdv_fused": (32, 128, 8, 2),
                 "list_dq": (128, 64, 4, 3),
-                "diag_dq": (128, 32, 8, 3),
+                "diag_dq": (64, 32, 4, 3),
             }
         bm, bn, w, s = {**table, "combine_fwd": (64, 64, 4, 3), "route": (64, 32, 4, 2)}[name]
         if dtype == torch.float32 and name != "route":
