@@ -225,6 +225,54 @@ class CudnnVarlen:
         step = max(min_step, 1 << max(0, n.bit_length() - 6))
         return -(-n // step) * step
 
+    def plan_lengths(self, max_len: int) -> list[int]:
+        """Every padded length (``padded_len``) at which a causal sequence of at most ``max_len`` tokens runs
+        through cuDNN (``use_cudnn``), ascending: the plans a run at ``max_len`` tokens per document can need
+        (57 at 32K tokens, 121 at 128K with the defaults)."""
+        out, n = [], self.min_seqlen
+        while n <= max_len:
+            p = self.padded_len(n, self.min_step)
+            m = min(p, max_len)  # the longest length below max_len that pads to p: the least padding
+            if self.use_cudnn(m) and self.padded_len(m, self.min_step) == p:
+                out.append(p)
+            n = p + 1
+        return out
+
+    def warmup(self, max_len: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+               scale: float, progress=None) -> list[int]:
+        """Build cuDNN's forward and backward plans for every length of ``plan_lengths(max_len)`` now, with one
+        causal fwd+bwd of random (L, heads, head_dim) tensors each (``heads``: the query heads of one call; K/V
+        are repeated to them anyway). cuDNN builds a plan on first use of a shape (~0.07 s forward, ~0.07 s
+        backward on an H200) and keeps it for the process, so without this the training steps that meet a new
+        document length stall, and in a multi-rank run every rank waits at the next collective.
+
+        Args:
+            progress: optional callable ``progress(done, total, length)`` after each length.
+        Returns:
+            the lengths built; fewer when cuDNN fails (``_fallback``: warned, FlashAttention from then on) or
+            memory runs out (a warning; the remaining plans are built lazily as before).
+        """
+        lengths = [] if self.failed else self.plan_lengths(max_len)
+        built = []
+        for i, L in enumerate(lengths):
+            try:
+                q, k, v, do = (torch.randn(L, heads, head_dim, device=device, dtype=dtype) for _ in range(4))
+                o, lse = self.cudnn_fwd(q, k, v, scale)
+                self.cudnn_bwd(do, q, k, v, o, lse, scale)
+            except torch.OutOfMemoryError:
+                warnings.warn(f"cuDNN plan warm-up stopped at {L} tokens: out of memory (the other plans are "
+                              "built when first needed)", RuntimeWarning, stacklevel=2)
+                break
+            except RuntimeError as err:
+                self._fallback(err)
+                break
+            finally:
+                q = k = v = do = o = lse = None
+            built.append(L)
+            if progress is not None:
+                progress(i + 1, len(lengths), L)
+        return built
+
     @staticmethod
     def sdpa_fwd(q, k, v, scale):
         """cuDNN on (1, H, L, D): -> (o (1, H, L, D), lse (1, H, L, 1) fp32)."""

@@ -244,6 +244,10 @@ class TrainLoopConfig:
     # from the forward instead of running the attention kernels again in the recompute (selective activation
     # checkpointing): less time, more memory (about q's size per layer)
     recompute_attention: bool = True
+    # GPU, cuDNN dense attention (Hopper, bf16): build cuDNN's plan for every padded document length up to
+    # data.seq_len (or MoBA's dense prefix length) before step 1, ~0.15 s per length plus one fwd+bwd at it
+    # (57 lengths at 32K, 121 at 128K); false builds each when first met, stalling that step (and every rank)
+    warmup_attention_plans: bool = True
     log_every: int = 1  # optimizer steps between metric lines
     eval_every: int = 0  # optimizer steps between validation passes; 0 = only at the end
     eval_batches: int = 4  # validation micro-batches per pass (per data-parallel rank); >= 1

@@ -38,6 +38,7 @@ from . import checkpoint as ckpt
 from . import eval_tasks as tasks_mod
 from .config import LayerMoBASettings, MoBASettings, RunConfig
 from .eval_tasks import TASKS
+from .metrics import progress_shown
 
 log = logging.getLogger("train.eval")
 
@@ -299,7 +300,7 @@ def evaluate_targets(cfg: EvalConfig, moba_overrides: dict | None = None) -> lis
         attn = set_attention(lm, t, cfg, moba_overrides or {})
         lengths = list(s.lengths) or default_lengths(t.run_cfg.data.seq_len if t.run_cfg else 1024)
         total = tasks_mod.progress_total(list(s.tasks), lengths, list(s.depths), s.trials)
-        show = cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and sys.stderr.isatty())
+        show = progress_shown(cfg.progress_bar)
         from tqdm import tqdm
 
         with tqdm(total=total, desc=f"eval {t.path.name}", disable=not show, dynamic_ncols=True) as bar:

@@ -24,7 +24,7 @@ from .distributed import DistInfo, device_type, init_distributed, world_from_env
 from .eval import tasks_during_training
 from .export import moba_record, set_plain_file_modes
 from .guard import NonFiniteError, NonFiniteGuard
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, progress_shown
 from .model import (
     IGNORE_INDEX,
     PackedCausalLM,
@@ -32,6 +32,7 @@ from .model import (
     build_model,
     check_tokenizer_fits,
     count_params,
+    dense_attention_max_len,
     enable_activation_checkpointing,
     fused_ops_enabled,
     model_shape,
@@ -39,6 +40,7 @@ from .model import (
     peak_flops,
     prepare_layers,
     step_flops,
+    warm_attention_plans,
 )
 from .preemption import PreemptionFlag, describe, exit_status, restore_signal_handlers
 from .profiling import StepProfiler
@@ -290,6 +292,13 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
 
     # Each MoBA layer's own block size and top-k (moba.layers), for the FLOP count.
     layer_cfgs = {i: moba_cfg.for_layer(i, num_layers) for i in moba_layer_ids}
+    if cfg.train.warmup_attention_plans:
+        max_len = dense_attention_max_len(cfg.data.seq_len, layer_cfgs, num_layers, schedule.name)
+        built, secs = warm_attention_plans(lm, max_len, info.sp_size, info.device,
+                                           show=info.is_main and progress_shown(cfg.logging.progress_bar))
+        if built and info.is_main:
+            log.info("cuDNN attention plans for %d lengths (%d-%d tokens) built in %.1f s "
+                     "(train.warmup_attention_plans)", len(built), built[0], built[-1], secs)
     current: list[int] | None = None
 
     def use_schedule_of(s: int) -> list[int]:

@@ -11,6 +11,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def progress_shown(setting: str) -> bool:
+    """Whether a progress bar is drawn for ``logging.progress_bar`` / ``eval.progress_bar`` = ``setting``: on,
+    or auto while stderr is a terminal."""
+    return setting == "on" or (setting == "auto" and sys.stderr.isatty())
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to ``<run dir>/metrics.jsonl`` and to wandb.
 
@@ -51,8 +57,7 @@ class MetricsLogger:
                 project=wandb_cfg.project, name=wandb_cfg.name or run_dir.name, id=run_id, resume="allow",
                 mode=wandb_cfg.mode, dir=str(run_dir), config=config_dict,
             )
-        show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
-        if show:
+        if progress_shown(progress_bar):
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, initial=resumed_step, desc="train", dynamic_ncols=True)

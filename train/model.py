@@ -514,6 +514,52 @@ class PackedCausalLM(nn.Module):
         return loss_sum, (labels != IGNORE_INDEX).sum(), tail_sum, (tail != IGNORE_INDEX).sum()
 
 
+def dense_attention_max_len(seq_len: int, layer_cfgs: dict, num_layers: int, schedule_name: str) -> int:
+    """Longest causal sequence the dense attention primitives (``moba_core.varlen``) can get in a run whose
+    documents are at most ``seq_len`` tokens: ``seq_len`` when some layer runs full attention at some step
+    (a layer without MoBA, or a schedule other than ``moba``), else the longest dense part of a MoBA layer (a
+    document's first ``top_k`` blocks, ``moba_core.triton_backend.dense_blocks_of``), 0 without dense path.
+
+    Args:
+        layer_cfgs: ``{layer: MoBAConfig}`` of the MoBA layers (``MoBAConfig.for_layer``).
+    """
+    from moba_core.triton_backend import dense_blocks_of
+
+    if schedule_name != "moba" or len(layer_cfgs) < num_layers:
+        return seq_len
+    return max((min(seq_len, dense_blocks_of(c.top_k) * c.block_size) for c in layer_cfgs.values()), default=0)
+
+
+def warm_attention_plans(lm: nn.Module, max_len: int, sp_size: int, device: torch.device,
+                         dtype: torch.dtype = torch.bfloat16, show: bool = False) -> tuple[list[int], float]:
+    """Build cuDNN's attention plans for every padded document length up to ``max_len`` tokens before training
+    (``moba_core.varlen.CudnnVarlen.warmup``; ``train.warmup_attention_plans``), at the shape every layer calls
+    them with: the model's query heads divided by ``sp_size`` (Ulysses gives each rank whole heads), its head
+    dim and softmax scale. A no-op (nothing built) where the dense primitives are not cuDNN (a CPU, another
+    GPU, fp32, ``MOBA_CUDNN_ATTENTION=0``). Returns (the lengths built, seconds)."""
+    import time
+
+    from moba_core.varlen import CudnnVarlen, varlen_primitives
+
+    hc = lm.config
+    head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+    prims = varlen_primitives(device, dtype, head_dim)
+    if not isinstance(prims, CudnnVarlen) or max_len < prims.min_seqlen:
+        return [], 0.0
+    attn = getattr(lm.model.layers[0], "self_attn", None) if hasattr(lm, "model") else None
+    scale = getattr(attn, "scaling", head_dim ** -0.5)
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(total=len(prims.plan_lengths(max_len)), desc="cuDNN attention plans", disable=not show,
+              dynamic_ncols=True) as bar:
+        built = prims.warmup(max_len, hc.num_attention_heads // sp_size, head_dim, dtype, device, scale,
+                             progress=lambda done, total, L: bar.update(1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return built, time.perf_counter() - t0
+
+
 def attended_keys(cu_seqlens: torch.Tensor, block_size: int | None, top_k: int) -> int:
     """Query-key pairs one head computes for a packed batch: causal within each document, and under MoBA
     (``block_size`` set) the current block's causal prefix plus up to ``top_k - 1`` earlier full blocks.

@@ -243,3 +243,67 @@ def test_cudnn_environment_settings(monkeypatch, env, expected):
             cudnn_env()
     else:
         assert cudnn_env() == expected
+
+
+class _Keys(_MathSdpa):
+    """_MathSdpa recording what a cuDNN plan is keyed on: shape, strides and dtype of every input."""
+
+    def __init__(self, min_seqlen):
+        super().__init__(min_seqlen)
+        self.keys = set()
+
+    def _key(self, kind, *xs):
+        self.keys.add((kind, *((tuple(x.shape), x.stride(), x.dtype) for x in xs)))
+
+    def sdpa_fwd(self, q, k, v, scale):
+        self._key("fwd", q, k, v)
+        return super().sdpa_fwd(q, k, v, scale)
+
+    def sdpa_bwd(self, do, q, k, v, o, lse, scale):
+        self._key("bwd", do, q, k, v, o, lse)
+        return super().sdpa_bwd(do, q, k, v, o, lse, scale)
+
+
+def test_plan_lengths_are_every_padded_length_in_use():
+    for min_seqlen, min_step, max_len in [(4096, 512, 32768), (4096, 512, 40000), (4096, 512, 5000), (256, 64, 1000),
+                                          (300, 64, 299)]:
+        p = CudnnVarlen(min_seqlen, short=TorchVarlen(), min_step=min_step)
+        brute = {p.padded_len(n, min_step) for n in range(min_seqlen, max_len + 1) if p.use_cudnn(n)}
+        assert p.plan_lengths(max_len) == sorted(brute)
+    assert len(CudnnVarlen(4096, short=TorchVarlen()).plan_lengths(32768)) == 57  # the count the docs give
+
+
+def test_warmup_makes_every_cudnn_call_that_training_makes():
+    """After ``warmup(max_len)``, packed GQA batches of documents up to max_len tokens call cuDNN only with
+    inputs (shape, strides, dtype) the warm-up already called it with: no plan is built mid-training."""
+    scale = 0.25
+    warm = _Keys(min_seqlen=256)
+    built = warm.warmup(1000, 4, 16, torch.float32, torch.device("cpu"), scale)
+    assert built == warm.plan_lengths(1000) and built[0] == 256 and built[-1] == 1024  # 1000 runs padded to 1024
+    assert warm.lengths == warm.bwd_lengths == built
+    run = _Keys(min_seqlen=256)
+    for seed, lens in enumerate([[1000], [300, 17, 999], [257, 640, 103], [512, 488]]):
+        (q, k, v, do, cu, m), _, _ = packed(lens, 4, 2, 16, scale, seed)
+        o, lse = run.fwd(q, k, v, cu, cu, m, m, True, scale)
+        run.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+    assert set(run.lengths) == set(run.bwd_lengths) == {1024, 640, 512}  # 300 and 257 would pad by > 1/16
+    assert len(run.keys) == 6 and run.keys <= warm.keys
+
+
+@pytest.mark.parametrize("error", [RuntimeError("cuDNN: no plan"), torch.OutOfMemoryError("CUDA out of memory")])
+def test_warmup_stops_on_an_error_and_loses_nothing(error):
+    p = _Keys(min_seqlen=256)
+    calls = []
+
+    def sdpa_fwd(q, k, v, scale):
+        if len(calls) == 2:
+            raise error
+        calls.append(q.shape[2])
+        return _Keys.sdpa_fwd(p, q, k, v, scale)
+
+    p.sdpa_fwd = sdpa_fwd
+    with pytest.warns(RuntimeWarning, match="cuDNN"):
+        built = p.warmup(1000, 2, 16, torch.float32, torch.device("cpu"), 0.25)
+    assert built == [256, 320]
+    # a cuDNN error turns cuDNN off (as in training); running out of memory keeps it for the lazy builds
+    assert p.failed == (not isinstance(error, torch.OutOfMemoryError))

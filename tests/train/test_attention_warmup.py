@@ -1,0 +1,54 @@
+"""``train.warmup_attention_plans``: which lengths a run warms (``dense_attention_max_len``) and at which shape
+(``warm_attention_plans``), with ``tests.moba_core.test_varlen._Keys`` standing in for cuDNN on the CPU."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import moba_core.varlen as varlen
+from moba_core.config import MoBAConfig
+from tests.moba_core.test_varlen import _Keys
+from train.model import dense_attention_max_len, warm_attention_plans
+
+
+def test_dense_attention_max_len(monkeypatch):
+    monkeypatch.delenv("MOBA_DENSE_PATH", raising=False)
+    cfgs = {i: MoBAConfig(block_size=512, top_k=8) for i in range(4)}
+    # every layer MoBA at every step: a document's first top_k blocks (8 x 512) are the longest dense part
+    assert dense_attention_max_len(131072, cfgs, 4, "moba") == 4096
+    assert dense_attention_max_len(2048, cfgs, 4, "moba") == 2048  # documents are never longer than seq_len
+    cfgs[2] = MoBAConfig(block_size=4096, top_k=12)  # a per-layer override
+    assert dense_attention_max_len(131072, cfgs, 4, "moba") == 49152
+    # a full-attention layer, or a schedule with full-attention phases: whole documents
+    assert dense_attention_max_len(131072, {0: cfgs[0]}, 4, "moba") == 131072
+    for name in ("full", "full_then_moba", "gradual"):
+        assert dense_attention_max_len(131072, cfgs, 4, name) == 131072
+    monkeypatch.setenv("MOBA_DENSE_PATH", "0")  # MoBA layers then use no dense primitive at all
+    assert dense_attention_max_len(131072, cfgs, 4, "moba") == 0
+
+
+def _lm(heads, head_dim, scaling):
+    attn = SimpleNamespace(scaling=scaling)
+    return SimpleNamespace(config=SimpleNamespace(num_attention_heads=heads, hidden_size=heads * head_dim,
+                                                  head_dim=head_dim),
+                           model=SimpleNamespace(layers=[SimpleNamespace(self_attn=attn)]))
+
+
+@pytest.mark.parametrize("sp_size", [1, 2])
+def test_warm_attention_plans_uses_each_ranks_call_shape(monkeypatch, sp_size):
+    rec = _Keys(min_seqlen=256)
+    seen = {}
+    monkeypatch.setattr(varlen, "varlen_primitives", lambda device, dtype, head_dim: seen.update(
+        dtype=dtype, head_dim=head_dim) or rec)
+    orig = rec.warmup
+    monkeypatch.setattr(rec, "warmup", lambda *a, **k: seen.update(scale=a[5]) or orig(*a, **k))
+    built, secs = warm_attention_plans(_lm(8, 16, 0.3), 700, sp_size, torch.device("cpu"), torch.float32)
+    assert built == rec.plan_lengths(700) == rec.lengths and secs >= 0
+    assert seen == {"dtype": torch.float32, "head_dim": 16, "scale": 0.3}  # the model's own softmax scale
+    assert {k[1][0][1] for k in rec.keys} == {8 // sp_size}  # Ulysses: each rank attends heads / sp_size
+
+
+def test_warm_attention_plans_is_a_no_op_without_cudnn():
+    # on the CPU the dense primitive is TorchVarlen: nothing to build
+    assert warm_attention_plans(_lm(8, 16, 0.25), 1 << 20, 1, torch.device("cpu")) == ([], 0.0)
