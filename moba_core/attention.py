@@ -13,6 +13,7 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,6 +25,7 @@ from .reference import moba_attention_reference
 BACKENDS = ("auto", "triton", "flash", "reference")
 
 
+@functools.cache
 def triton_available() -> bool:
     """True when Triton imports (it runs on a CUDA device, or anywhere under ``TRITON_INTERPRET=1``)."""
     try:
@@ -41,10 +43,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "flash"
-    if backend == "triton" and not ((device.type == "cuda" or interpret) and triton_available()):
+    if backend == "triton" and not (
+            (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and triton_available()):
         raise ValueError(
             f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1); tensors are on {device}"
         )

@@ -271,7 +271,7 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
             if not layout["uniform"]:
                 return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale)
             n, L = len(lens), lens[0]
-            qs, ks, vs = (x.unflatten(0, (n, L)).transpose(1, 2) for x in (q, k, v))
+            qs, ks, vs = (x.view(n, L, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                enable_gqa=k.shape[1] != q.shape[1])
             return o.transpose(1, 2).reshape(q.shape)
