@@ -69,28 +69,75 @@ def attended_positions(L: int, bs: int, top_k: int) -> int:
 
 
 MIN_TIMED_MS = 200.0  # short calls repeat until this much was timed: a median of 3 runs of 2 ms moves by ~5%
+MAX_TIMED_MS = 3000.0  # a method stops adding runs once this much was timed (long points: a few runs)
 
 
-def timed(fn, reps: int):
-    """Median milliseconds of fn() after one warm-up, over at least ``reps`` runs and at least
-    ``MIN_TIMED_MS`` of timed work (at most 1000 runs); stops early once 3 s were timed."""
+def cuda_time(fn) -> float:
+    """Milliseconds of GPU time of one ``fn()`` between two CUDA events (synchronised)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
     fn()
+    b.record()
     torch.cuda.synchronize()
-    times = []
-    while len(times) < reps or (sum(times) < MIN_TIMED_MS and len(times) < 1000):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-        if sum(times) > 3000:
-            break
-    return sorted(times)[len(times) // 2]
+    return a.elapsed_time(b)
 
 
-def measure(fwd, reps):
-    """fwd ms, fwd+bwd ms, first-call s, peak GiB of fwd() -> output with requires_grad; 'OOM' / 'err' cells."""
+def timed_many(fns: dict, reps: int, clock=cuda_time) -> dict:
+    """Median milliseconds of each callable of ``fns`` (name -> fn), after one warm-up call each, timed in
+    alternating rounds (one call of every method per round, in order), so that a drift of the GPU's clock or
+    temperature during the measurement reaches every method alike (a method timed after another, as before
+    2026-11-30 session 8, could differ by a few percent from such drift alone; METHOD.md: time the same version
+    twice, a smaller difference is noise). Rounds go on until every method has at least ``reps`` runs and at
+    least ``MIN_TIMED_MS`` of them (at most 1000 runs), or ``MAX_TIMED_MS`` timed; a method that is done keeps
+    its place in the rounds while others go on, up to ``MAX_TIMED_MS``. A method whose call raises
+    leaves the rounds with the cell ``"OOM"`` (out of memory) or ``"err"`` (traceback printed); the others go on.
+    ``clock(fn) -> ms`` times one call (CUDA events; tests pass another)."""
+    out, times, live = {}, {n: [] for n in fns}, dict(fns)
+
+    def run(name, fn, record):
+        try:
+            ms = clock(fn)
+        except torch.OutOfMemoryError:
+            out[name] = "OOM"
+        except Exception:  # noqa: BLE001 - a failing cell must not stop the table
+            traceback.print_exc(limit=3)
+            out[name] = "err"
+        else:
+            if record:
+                times[name].append(ms)
+            return
+        del live[name]
+
+    for name, fn in list(live.items()):
+        run(name, fn, record=False)
+
+    def done(t):
+        return sum(t) >= MAX_TIMED_MS or (len(t) >= reps and (sum(t) >= MIN_TIMED_MS or len(t) >= 1000))
+
+    while live and not all(done(times[n]) for n in live):
+        for name, fn in list(live.items()):
+            if sum(times[name]) < MAX_TIMED_MS:  # a long call stops at its cap: drift is nothing beside it
+                run(name, fn, record=True)
+    for name in live:
+        out[name] = sorted(times[name])[len(times[name]) // 2]
+    return out
+
+
+def timed(fn, reps: int, clock=cuda_time) -> float:
+    """Median milliseconds of one callable (``timed_many`` with one method).
+
+    Raises:
+        RuntimeError: the call failed (its traceback is printed).
+    """
+    ms = timed_many({"fn": fn}, reps, clock)["fn"]
+    if isinstance(ms, str):
+        raise RuntimeError(f"the timed call failed ({ms})")
+    return ms
+
+
+def measure(fwd):
+    """First-call seconds and peak GiB of one fwd+bwd of ``fwd() -> output with requires_grad``, and the fwd+bwd
+    callable to time (``timed_many``); 'OOM' / 'err' cells when the first call raised."""
     res = {}
 
     def fb():
@@ -104,18 +151,14 @@ def measure(fwd, reps):
         fb()
         torch.cuda.synchronize()
         res["first"] = time.perf_counter() - t0
-        res["fb"] = timed(fb, reps)
         res["mem"] = torch.cuda.max_memory_allocated() / 2**30
-        res["fwd"] = timed(lambda: fwd(), reps)
     except torch.OutOfMemoryError:
-        res.setdefault("fwd", "OOM")
-        res.setdefault("fb", "OOM")
+        res.update(fwd="OOM", fb="OOM")
     except Exception:  # noqa: BLE001 - a failing cell must not stop the table
         traceback.print_exc(limit=3)
-        res.setdefault("fwd", "err")
-        res.setdefault("fb", "err")
+        res.update(fwd="err", fb="err")
     torch.cuda.empty_cache()
-    return res
+    return res, fb
 
 
 def flex_fn(q, k, v, cu, nseq, L, bs, top_k):
@@ -297,30 +340,41 @@ def main(argv=None):
         for backend in ("flash", "triton"):
             if backend in methods:
                 fns[backend] = ((lambda b=backend: moba_attention(q, k, v, cu, L, bs, top_k, backend=b)), att)
-        full_res = None
-        for name, (fn, pairs) in fns.items():
+        # first call and peak memory of each method alone, then the methods timed together in alternating rounds
+        res_of, fb_of = {}, {}
+        for name, (fn, _) in fns.items():
             if fn == "est":
                 half = full_by_len.get((nseq, L // 2))
-                res = ({"fwd": 4 * half["fwd"], "fb": 4 * half["fb"], "mem": 2 * half["mem"], "first": "-",
-                        "est": True} if half and all(isinstance(half[x], float) for x in ("fwd", "fb", "mem"))
-                       else {"fwd": "-", "fb": "-"})
+                res_of[name] = ({"fwd": 4 * half["fwd"], "fb": 4 * half["fb"], "mem": 2 * half["mem"], "first": "-",
+                                 "est": True} if half and all(isinstance(half[x], float) for x in ("fwd", "fb", "mem"))
+                                else {"fwd": "-", "fb": "-"})
             elif fn == "err":
-                res = {"fwd": "err", "fb": "err"}
+                res_of[name] = {"fwd": "err", "fb": "err"}
             else:
-                res = measure(fn, args.reps)
-            if name == "full":
-                full_res = res
-                full_by_len[(nseq, L)] = res
+                res_of[name], fb_of[name] = measure(fn)
+            q.grad = k.grad = v.grad = None
+        live = [n for n in fb_of if "fb" not in res_of[n]]
+        for key, ms in (("fb", timed_many({n: fb_of[n] for n in live}, args.reps)),
+                        ("fwd", timed_many({n: fns[n][0] for n in live}, args.reps))):
+            for n, cell in ms.items():
+                res_of[n][key] = cell
+        q.grad = k.grad = v.grad = None
+        torch.cuda.empty_cache()
+        full_res = res_of.get("full")
+        if full_res is not None:
+            full_by_len[(nseq, L)] = full_res
+        for name, (_, pairs) in fns.items():
+            res = res_of[name]
             split = "-"
             if name == "triton" and isinstance(res.get("fb"), float) and L > top_k * bs:  # else no routing runs
                 with torch.no_grad():
                     lens = [L] * nseq
                     res["routing"] = timed(lambda: moba_routing(q, k, lens, bs, top_k, False, top_k), args.reps)
-                split = f"{res['routing']:.1f} / {res['fwd']:.1f} / {res['fb'] - res['fwd']:.1f}"
+                if isinstance(res.get("fwd"), float):
+                    split = f"{res['routing']:.1f} / {res['fwd']:.1f} / {res['fb'] - res['fwd']:.1f}"
             rows.append(row_text(p, name, res, full_res, ideal, pairs, split))
             records.append(record(p, name, res, full_res, gpu, today))
             print(rows[-1], flush=True)
-            q.grad = k.grad = v.grad = None
         q = k = v = fns = None
         GRAD[0] = None
         torch.cuda.empty_cache()
@@ -351,7 +405,9 @@ def record(p, name, res, full_res, gpu, today) -> dict:
            "first_call_s": num(res.get("first")), "peak_gib": num(res.get("mem")), "gpu": gpu, "date": today,
            "estimated": bool(res.get("est"))}
     if "routing" in res:
-        out.update(routing_ms=res["routing"], bwd_ms=res["fb"] - res["fwd"])
+        out["routing_ms"] = res["routing"]
+        if num(res.get("fwd")) and num(res.get("fb")):
+            out["bwd_ms"] = res["fb"] - res["fwd"]
     if full_res and num(res.get("fb")) and num(full_res.get("fb")):
         out["speedup_fwdbwd"] = full_res["fb"] / res["fb"]
     return out
