@@ -167,6 +167,37 @@ class FlashVarlen:
         return dq, dk, dv
 
 
+class _RunInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.fn()
+        return grad, None
+
+
+def run_in_backward(fn, device: torch.device) -> None:
+    """Call ``fn()`` from inside a backward pass of a tensor on ``device``: where the autograd engine runs the
+    backward of training's tensors (on CUDA a thread of its own per device, not the caller's). What ``fn``
+    raises is raised here, as it is."""
+    raised = []
+
+    def call():
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            raised.append(err)
+
+    x = torch.zeros((), device=device, requires_grad=True)
+    with torch.enable_grad():
+        _RunInBackward.apply(x, call).backward()
+    if raised:
+        raise raised[0]
+
+
 class CudnnVarlen:
     """``FlashVarlen`` (``short``) with cuDNN's fused attention for the long sequences of causal self-attention
     calls (the contract of this module: same shapes and LSE layout).
@@ -244,7 +275,10 @@ class CudnnVarlen:
         causal fwd+bwd of random (L, heads, head_dim) tensors each (``heads``: the query heads of one call; K/V
         are repeated to them anyway). cuDNN builds a plan on first use of a shape (~0.07 s forward, ~0.07 s
         backward on an H200) and keeps it for the process, so without this the training steps that meet a new
-        document length stall, and in a multi-rank run every rank waits at the next collective.
+        document length stall, and in a multi-rank run every rank waits at the next collective. PyTorch keeps
+        these plans per thread (``thread_local`` caches in ATen's cudnn/MHA.cpp) and the autograd engine runs a
+        CUDA backward on a thread of its own, so the forward is built here and the backward (with the forward
+        again, for activation checkpointing's recompute) inside a backward pass (``run_in_backward``).
 
         Args:
             progress: optional callable ``progress(done, total, length)`` after each length.
@@ -257,8 +291,9 @@ class CudnnVarlen:
         for i, L in enumerate(lengths):
             try:
                 q, k, v, do = (torch.randn(L, heads, head_dim, device=device, dtype=dtype) for _ in range(4))
-                o, lse = self.cudnn_fwd(q, k, v, scale)
-                self.cudnn_bwd(do, q, k, v, o, lse, scale)
+                self.cudnn_fwd(q, k, v, scale)  # this thread's forward plan: the training forward, evaluation
+                # the backward's plan, and the forward's again for what activation checkpointing recomputes there
+                run_in_backward(functools.partial(self._fwd_bwd, q, k, v, do, scale), device)
             except torch.OutOfMemoryError:
                 warnings.warn(f"cuDNN plan warm-up stopped at {L} tokens: out of memory (the other plans are "
                               "built when first needed)", RuntimeWarning, stacklevel=2)
@@ -267,11 +302,15 @@ class CudnnVarlen:
                 self._fallback(err)
                 break
             finally:
-                q = k = v = do = o = lse = None
+                q = k = v = do = None
             built.append(L)
             if progress is not None:
                 progress(i + 1, len(lengths), L)
         return built
+
+    def _fwd_bwd(self, q, k, v, do, scale):
+        o, lse = self.cudnn_fwd(q, k, v, scale)
+        self.cudnn_bwd(do, q, k, v, o, lse, scale)
 
     @staticmethod
     def sdpa_fwd(q, k, v, scale):

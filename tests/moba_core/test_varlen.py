@@ -2,10 +2,12 @@
 primitive (runs of short ones), checked on the CPU with the exact float32 primitive standing in for both
 (the cuDNN calls themselves are checked on the GPU by ``launch/cudnn_attention_check.py``)."""
 
+import functools
 import math
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from moba_core.varlen import CudnnVarlen, TorchVarlen
 
@@ -246,14 +248,18 @@ def test_cudnn_environment_settings(monkeypatch, env, expected):
 
 
 class _Keys(_MathSdpa):
-    """_MathSdpa recording what a cuDNN plan is keyed on: shape, strides and dtype of every input."""
+    """_MathSdpa recording what a cuDNN plan is keyed on: shape, strides and dtype of every input, and whether
+    the call ran inside a backward pass. PyTorch keeps the plans per thread (ATen's cudnn/MHA.cpp) and on CUDA
+    the autograd engine runs backward functions on a thread of its own, so a plan built outside a backward is
+    not found inside one (on the CPU both run on the caller's thread: this flag stands in for the thread)."""
 
     def __init__(self, min_seqlen):
         super().__init__(min_seqlen)
         self.keys = set()
 
     def _key(self, kind, *xs):
-        self.keys.add((kind, *((tuple(x.shape), x.stride(), x.dtype) for x in xs)))
+        in_backward = torch._C._current_graph_task_id() != -1
+        self.keys.add((kind, *((tuple(x.shape), x.stride(), x.dtype) for x in xs), in_backward))
 
     def sdpa_fwd(self, q, k, v, scale):
         self._key("fwd", q, k, v)
@@ -273,30 +279,40 @@ def test_plan_lengths_are_every_padded_length_in_use():
     assert len(CudnnVarlen(4096, short=TorchVarlen()).plan_lengths(32768)) == 57  # the count the docs give
 
 
-def test_warmup_makes_every_cudnn_call_that_training_makes():
-    """After ``warmup(max_len)``, packed GQA batches of documents up to max_len tokens call cuDNN only with
-    inputs (shape, strides, dtype) the warm-up already called it with: no plan is built mid-training."""
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_warmup_makes_every_cudnn_call_that_training_makes(monkeypatch, checkpointed):
+    """After ``warmup(max_len)``, training steps (autograd, optionally under activation checkpointing, whose
+    recomputed forward runs inside the backward) on packed GQA batches of documents up to max_len tokens call
+    cuDNN only with inputs (shape, strides, dtype, inside a backward or not) the warm-up already called it
+    with: no plan is built mid-training."""
+    import moba_core.flash as flash
+
     scale = 0.25
     warm = _Keys(min_seqlen=256)
     built = warm.warmup(1000, 4, 16, torch.float32, torch.device("cpu"), scale)
     assert built == warm.plan_lengths(1000) and built[0] == 256 and built[-1] == 1024  # 1000 runs padded to 1024
-    assert warm.lengths == warm.bwd_lengths == built
+    assert sorted(set(warm.lengths)) == warm.bwd_lengths == built
     run = _Keys(min_seqlen=256)
+    monkeypatch.setattr(flash, "varlen_primitives", lambda *a: run)
     for seed, lens in enumerate([[1000], [300, 17, 999], [257, 640, 103], [512, 488]]):
         (q, k, v, do, cu, m), _, _ = packed(lens, 4, 2, 16, scale, seed)
-        o, lse = run.fwd(q, k, v, cu, cu, m, m, True, scale)
-        run.bwd(do, q, k, v, o, lse, cu, cu, m, m, True, scale)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        attend = functools.partial(flash.varlen_causal_attention, max_seqlen=m, softmax_scale=scale)
+        o = checkpoint(attend, q, k, v, cu, use_reentrant=False) if checkpointed else attend(q, k, v, cu)
+        o.backward(do)
     assert set(run.lengths) == set(run.bwd_lengths) == {1024, 640, 512}  # 300 and 257 would pad by > 1/16
-    assert len(run.keys) == 6 and run.keys <= warm.keys
+    assert {key[-1] for key in run.keys} == {False, True}
+    assert len(run.keys) == (9 if checkpointed else 6) and run.keys <= warm.keys
 
 
 @pytest.mark.parametrize("error", [RuntimeError("cuDNN: no plan"), torch.OutOfMemoryError("CUDA out of memory")])
-def test_warmup_stops_on_an_error_and_loses_nothing(error):
+@pytest.mark.parametrize("at_call, expected", [(4, [256, 320]), (3, [256])])  # 3: inside the backward pass
+def test_warmup_stops_on_an_error_and_loses_nothing(error, at_call, expected):
     p = _Keys(min_seqlen=256)
     calls = []
 
-    def sdpa_fwd(q, k, v, scale):
-        if len(calls) == 2:
+    def sdpa_fwd(q, k, v, scale):  # two calls per length: this thread's, then inside a backward pass
+        if len(calls) == at_call:
             raise error
         calls.append(q.shape[2])
         return _Keys.sdpa_fwd(p, q, k, v, scale)
@@ -304,6 +320,6 @@ def test_warmup_stops_on_an_error_and_loses_nothing(error):
     p.sdpa_fwd = sdpa_fwd
     with pytest.warns(RuntimeWarning, match="cuDNN"):
         built = p.warmup(1000, 2, 16, torch.float32, torch.device("cpu"), 0.25)
-    assert built == [256, 320]
+    assert built == expected
     # a cuDNN error turns cuDNN off (as in training); running out of memory keeps it for the lazy builds
     assert p.failed == (not isinstance(error, torch.OutOfMemoryError))

@@ -44,7 +44,7 @@ def test_warm_attention_plans_uses_each_ranks_call_shape(monkeypatch, sp_size):
     orig = rec.warmup
     monkeypatch.setattr(rec, "warmup", lambda *a, **k: seen.update(scale=a[5]) or orig(*a, **k))
     built, secs = warm_attention_plans(_lm(8, 16, 0.3), 700, sp_size, torch.device("cpu"), torch.float32)
-    assert built == rec.plan_lengths(700) == rec.lengths and secs >= 0
+    assert built == rec.plan_lengths(700) == rec.bwd_lengths and secs >= 0
     assert seen == {"dtype": torch.float32, "head_dim": 16, "scale": 0.3}  # the model's own softmax scale
     assert {k[1][0][1] for k in rec.keys} == {8 // sp_size}  # Ulysses: each rank attends heads / sp_size
 
