@@ -539,15 +539,18 @@ def warm_attention_plans(lm: nn.Module, max_len: int, sp_size: int, device: torc
     GPU, fp32, ``MOBA_CUDNN_ATTENTION=0``). Returns (the lengths built, seconds)."""
     import time
 
+    from moba_core.hf import attention_modules
     from moba_core.varlen import CudnnVarlen, varlen_primitives
 
     hc = lm.config
-    head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+    mods = attention_modules(lm)  # wherever the architecture keeps them (not always lm.model.layers)
+    attn = mods[0] if mods else None
+    head_dim = (getattr(attn, "head_dim", None) or getattr(hc, "head_dim", None)
+                or hc.hidden_size // hc.num_attention_heads)
     prims = varlen_primitives(device, dtype, head_dim)
     if not isinstance(prims, CudnnVarlen) or max_len < prims.min_seqlen:
         return [], 0.0
-    attn = getattr(lm.model.layers[0], "self_attn", None) if hasattr(lm, "model") else None
-    scale = getattr(attn, "scaling", head_dim ** -0.5)
+    scale = getattr(attn, "scaling", None) or head_dim ** -0.5
     t0 = time.perf_counter()
     from tqdm import tqdm
 

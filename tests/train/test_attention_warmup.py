@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 import moba_core.varlen as varlen
 from moba_core.config import MoBAConfig
@@ -28,11 +29,29 @@ def test_dense_attention_max_len(monkeypatch):
     assert dense_attention_max_len(131072, cfgs, 4, "moba") == 0
 
 
-def _lm(heads, head_dim, scaling):
-    attn = SimpleNamespace(scaling=scaling)
-    return SimpleNamespace(config=SimpleNamespace(num_attention_heads=heads, hidden_size=heads * head_dim,
-                                                  head_dim=head_dim),
-                           model=SimpleNamespace(layers=[SimpleNamespace(self_attn=attn)]))
+class _FakeAttention(nn.Module):
+    """What ``moba_core.hf.attention_modules`` finds: a module named ``...Attention`` with a ``layer_idx``."""
+
+    def __init__(self, scaling, head_dim=None):
+        super().__init__()
+        self.layer_idx, self.scaling = 0, scaling
+        if head_dim is not None:
+            self.head_dim = head_dim
+
+
+def _lm(heads, head_dim, scaling, path=("model", "layers"), config_head_dim=True, attn_head_dim=None):
+    """An ``lm`` whose decoder layers sit at ``path`` (``lm.model.layers`` for Llama / Qwen2 / Mistral)."""
+    lm, parent = nn.Module(), None
+    lm.config = SimpleNamespace(num_attention_heads=heads, hidden_size=heads * head_dim,
+                                **({"head_dim": head_dim} if config_head_dim else {}))
+    parent = lm
+    for name in path[:-1]:
+        setattr(parent, name, nn.Module())
+        parent = getattr(parent, name)
+    layer = nn.Module()
+    layer.self_attn = _FakeAttention(scaling, attn_head_dim)
+    setattr(parent, path[-1], nn.ModuleList([layer]))
+    return lm
 
 
 @pytest.mark.parametrize("sp_size", [1, 2])
@@ -52,3 +71,21 @@ def test_warm_attention_plans_uses_each_ranks_call_shape(monkeypatch, sp_size):
 def test_warm_attention_plans_is_a_no_op_without_cudnn():
     # on the CPU the dense primitive is TorchVarlen: nothing to build
     assert warm_attention_plans(_lm(8, 16, 0.25), 1 << 20, 1, torch.device("cpu")) == ([], 0.0)
+
+
+@pytest.mark.parametrize("path, config_head_dim, attn_head_dim", [
+    (("model", "decoder", "layers"), True, None),  # OPT-like: lm.model has no .layers
+    (("transformer", "h"), True, None),  # GPT-2-like: no lm.model at all
+    (("model", "layers"), False, 16),  # a config without head_dim; the module has its own
+])
+def test_warm_attention_plans_finds_the_attention_modules(monkeypatch, path, config_head_dim, attn_head_dim):
+    rec = _Keys(min_seqlen=256)
+    seen = {}
+    monkeypatch.setattr(varlen, "varlen_primitives", lambda device, dtype, head_dim: seen.update(
+        head_dim=head_dim) or rec)
+    orig = rec.warmup
+    monkeypatch.setattr(rec, "warmup", lambda *a, **k: seen.update(scale=a[5]) or orig(*a, **k))
+    # hidden_size / heads = 32 where the config has no head_dim: the module's 16 is what attention gets
+    lm = _lm(8, 16 if config_head_dim else 32, 0.3, path, config_head_dim, attn_head_dim)
+    built, _ = warm_attention_plans(lm, 300, 1, torch.device("cpu"), torch.float32)
+    assert built == rec.plan_lengths(300) and seen == {"head_dim": 16, "scale": 0.3}
