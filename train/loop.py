@@ -293,7 +293,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     # Each MoBA layer's own block size and top-k (moba.layers), for the FLOP count.
     layer_cfgs = {i: moba_cfg.for_layer(i, num_layers) for i in moba_layer_ids}
     if cfg.train.warmup_attention_plans:
-        max_len = dense_attention_max_len(cfg.data.seq_len, layer_cfgs, num_layers, schedule.name)
+        max_len = dense_attention_max_len(cfg.data.seq_len, layer_cfgs, num_layers, schedule,
+                                          (step, cfg.train.max_steps))
         built, secs = warm_attention_plans(lm, max_len, info.sp_size, info.device,
                                            show=info.is_main and progress_shown(cfg.logging.progress_bar))
         if built and info.is_main:

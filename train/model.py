@@ -514,18 +514,35 @@ class PackedCausalLM(nn.Module):
         return loss_sum, (labels != IGNORE_INDEX).sum(), tail_sum, (tail != IGNORE_INDEX).sum()
 
 
-def dense_attention_max_len(seq_len: int, layer_cfgs: dict, num_layers: int, schedule_name: str) -> int:
+def dense_attention_max_len(seq_len: int, layer_cfgs: dict, num_layers: int, schedule,
+                            steps: tuple[int, int] | None = None) -> int:
     """Longest causal sequence the dense attention primitives (``moba_core.varlen``) can get in a run whose
     documents are at most ``seq_len`` tokens: ``seq_len`` when some layer runs full attention at some step
-    (a layer without MoBA, or a schedule other than ``moba``), else the longest dense part of a MoBA layer (a
-    document's first ``top_k`` blocks, ``moba_core.triton_backend.dense_blocks_of``), 0 without dense path.
+    (a layer without MoBA, or a MoBA layer the schedule keeps full), else the longest dense part of a MoBA layer
+    (a document's first ``top_k`` blocks, ``moba_core.triton_backend.dense_blocks_of``), 0 without dense path.
 
     Args:
         layer_cfgs: ``{layer: MoBAConfig}`` of the MoBA layers (``MoBAConfig.for_layer``).
+        schedule: a ``moba_core.schedule.Schedule``, or its name.
+        steps: (first step, ``train.max_steps``): the 0-based optimizer steps this launch trains, from the first
+            to ``max_steps - 1`` (a resumed run: from the step it resumes at); None: any step (a schedule other
+            than ``moba`` then counts as running full attention).
     """
+    from moba_core.schedule import Schedule
     from moba_core.triton_backend import dense_blocks_of
 
-    if schedule_name != "moba" or len(layer_cfgs) < num_layers:
+    schedule = Schedule(schedule) if isinstance(schedule, str) else schedule
+    if steps is not None and steps[0] >= steps[1]:
+        return 0  # nothing left to train
+    if len(layer_cfgs) < num_layers:
+        return seq_len
+    if steps is None:
+        full_some_step = schedule.name != "moba"
+    else:  # every schedule switches each layer at most once, so a layer is full at some step iff at either end
+        layers = sorted(layer_cfgs)
+        full_some_step = any(schedule.moba_layers_at(s, steps[1], layers, num_layers) != layers
+                             for s in (steps[0], steps[1] - 1))
+    if full_some_step:
         return seq_len
     return max((min(seq_len, dense_blocks_of(c.top_k) * c.block_size) for c in layer_cfgs.values()), default=0)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import moba_core.varlen as varlen
 from moba_core.config import MoBAConfig
+from moba_core.schedule import Schedule
 from tests.moba_core.test_varlen import _Keys
 from train.model import dense_attention_max_len, warm_attention_plans
 
@@ -27,6 +28,31 @@ def test_dense_attention_max_len(monkeypatch):
         assert dense_attention_max_len(131072, cfgs, 4, name) == 131072
     monkeypatch.setenv("MOBA_DENSE_PATH", "0")  # MoBA layers then use no dense primitive at all
     assert dense_attention_max_len(131072, cfgs, 4, "moba") == 0
+
+
+@pytest.mark.parametrize("schedule, first, expected", [
+    (Schedule("full_then_moba", switch_fraction=0.5), 0, 131072),
+    (Schedule("full_then_moba", switch_fraction=0.5), 49, 131072),  # step 50 (0-based 49) is the last full one
+    (Schedule("full_then_moba", switch_fraction=0.5), 50, 4096),  # resumed past the switch: MoBA to the end
+    (Schedule("full_then_moba", switch_fraction=0.0), 0, 4096),
+    (Schedule("moba_then_full", switch_fraction=0.9), 0, 131072),
+    (Schedule("moba_then_full", switch_fraction=1.0), 0, 4096),  # never full
+    # layers switch at steps 20, 30, 40, 50 (0-based)
+    (Schedule("gradual", start_fraction=0.2, end_fraction=0.6), 49, 131072),
+    (Schedule("gradual", start_fraction=0.2, end_fraction=0.6), 50, 4096),  # every layer switched to MoBA
+    (Schedule("gradual", start_fraction=0.2, end_fraction=0.6, reverse=True), 0, 131072),
+    (Schedule("gradual", start_fraction=0.2, end_fraction=0.6, reverse=True), 80, 131072),
+    (Schedule("full"), 0, 131072),
+    (Schedule("moba"), 0, 4096),
+    (Schedule("moba"), 100, 0),  # resumed at the end: no step left
+])
+def test_dense_attention_max_len_over_the_steps_left(monkeypatch, schedule, first, expected):
+    """The steps this launch trains decide: a run resumed past a schedule's last full-attention step has only
+    MoBA layers left, whose dense part is their first top_k blocks."""
+    monkeypatch.delenv("MOBA_DENSE_PATH", raising=False)
+    cfgs = {i: MoBAConfig(block_size=512, top_k=8) for i in range(4)}
+    assert dense_attention_max_len(131072, cfgs, 4, schedule, (first, 100)) == expected
+    assert dense_attention_max_len(131072, {0: cfgs[0]}, 4, schedule, (first, 100)) == (expected and 131072)
 
 
 class _FakeAttention(nn.Module):
