@@ -171,35 +171,63 @@ class _DenseRows:
 LIST_TENSORS = ("entries", "list_ptr", "tile_list", "tile_first")  # the tensors of build_block_lists' dict
 
 
-def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing):
-    """Both parts of the forward; returns (o, lse, layout, sel, lists, dense_blocks, budget, dense_saved)."""
-    dense_blocks = dense_blocks_of(top_k)
+def _attend(q, k, v, lens, block_size, top_k, scale, group_routing, layout, sel, lists):
+    """The attention given the routing: the sparse kernels and the dense prefixes; returns (o, lse, budget,
+    dense_saved)."""
     T, HQ, D = q.shape
     o = torch.empty((T, HQ, D), device=q.device, dtype=q.dtype)
     budget = partial_budget(q)
-    layout, sel, lists = moba_routing(q, k, lens, block_size, top_k, group_routing, dense_blocks)
     lse = moba_fwd(q, k, v, layout, sel, lists, top_k, block_size, scale, group_routing, o, budget)
     dense_saved = ()
     if layout["dense_segments"]:
         dense_saved = _DenseRows(q, k, lens, layout, scale).forward(q, k, v, o)
+    return o, lse, budget, dense_saved
+
+
+def _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing):
+    """Both parts of the forward; returns (o, lse, layout, sel, lists, dense_blocks, budget, dense_saved)."""
+    dense_blocks = dense_blocks_of(top_k)
+    layout, sel, lists = moba_routing(q, k, lens, block_size, top_k, group_routing, dense_blocks)
+    o, lse, budget, dense_saved = _attend(q, k, v, lens, block_size, top_k, scale, group_routing, layout, sel, lists)
     return o, lse, layout, sel, lists, dense_blocks, budget, dense_saved
 
 
-def _forward_op(q, k, v, lens, block_size, top_k, scale, group_routing):
-    """``torch.ops.moba.triton_fwd``: ``_moba_forward`` as one dispatcher op, whose outputs are all tensors: o, lse,
-    sel, the list tensors (``LIST_TENSORS``, when the routing built lists) and the dense prefixes' saved LSE."""
-    o, lse, _, sel, lists, _, _, dense_saved = _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing)
-    return [o, lse, sel, *(lists[n] for n in LIST_TENSORS if lists), *dense_saved]
+def _route_op(q, k, lens, block_size, top_k, group_routing):
+    """``torch.ops.moba.route``: ``moba_routing`` as one dispatcher op whose outputs are all tensors: sel and the
+    list tensors (``LIST_TENSORS``, when the routing builds lists)."""
+    _, sel, lists = moba_routing(q, k, lens, block_size, top_k, group_routing, dense_blocks_of(top_k))
+    return [sel, *(lists[n] for n in LIST_TENSORS if lists)]
 
 
-# One dispatcher op for the whole forward, so that selective activation checkpointing (``torch.utils.checkpoint``
-# with ``create_selective_checkpoint_contexts``: ``train.recompute_attention=false``) can keep its outputs instead
-# of running the kernels again in the recompute; a Python autograd.Function's body is invisible to it. A
-# low-level ``torch.library`` op: ~15 us per call on a slow host, against ~500 us through ``torch.library.custom_op``.
-if not hasattr(torch.ops.moba, "triton_fwd"):
+def _routing_of(q, lens, block_size, top_k, routing):
+    """(layout, sel, lists or None) from ``torch.ops.moba.route``'s outputs and the host values the routing
+    decided (re-derived from the cached layout: under selective checkpointing the recompute gets the op's kept
+    outputs, not its host values)."""
+    layout = cached_layout(tuple(lens), block_size, dense_blocks_of(top_k), q.device)
+    tile_m = list_tile(q, layout, block_size, top_k)
+    lists = None if tile_m is None else dict(zip(LIST_TENSORS, routing[1:]), tile_m=tile_m)
+    return layout, routing[0], lists
+
+
+def _forward_op(q, k, v, routing, lens, block_size, top_k, scale, group_routing):
+    """``torch.ops.moba.triton_fwd``: the attention given ``torch.ops.moba.route``'s outputs, as one dispatcher
+    op: o, lse and the dense prefixes' saved LSE."""
+    layout, sel, lists = _routing_of(q, lens, block_size, top_k, routing)
+    o, lse, _, dense_saved = _attend(q, k, v, lens, block_size, top_k, scale, group_routing, layout, sel, lists)
+    return [o, lse, *dense_saved]
+
+
+# The routing and the attention as two dispatcher ops, so that selective activation checkpointing
+# (``torch.utils.checkpoint`` with ``create_selective_checkpoint_contexts``: ``train.recompute_attention=false``,
+# ``train.recompute_routing=false``) can keep their outputs instead of running them again in the recompute; a
+# Python autograd.Function's body is invisible to it. Low-level ``torch.library`` ops: ~15 us per call on a
+# slow host, against ~500 us through ``torch.library.custom_op``.
+if not hasattr(torch.ops.moba, "route"):
     _LIB = torch.library.Library("moba", "DEF")
-    _LIB.define("triton_fwd(Tensor q, Tensor k, Tensor v, int[] lens, int block_size, int top_k, float scale, "
-                "bool group_routing) -> Tensor[]")
+    _LIB.define("route(Tensor q, Tensor k, int[] lens, int block_size, int top_k, bool group_routing) -> Tensor[]")
+    _LIB.impl("route", _route_op, "CompositeExplicitAutograd")
+    _LIB.define("triton_fwd(Tensor q, Tensor k, Tensor v, Tensor[] routing, int[] lens, int block_size, int top_k, "
+                "float scale, bool group_routing) -> Tensor[]")
     _LIB.impl("triton_fwd", _forward_op, "CompositeExplicitAutograd")
 
 
@@ -213,17 +241,15 @@ class _TritonMoBA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing):
-        o, lse, sel, *rest = torch.ops.moba.triton_fwd(q, k, v, lens, block_size, top_k, scale, group_routing)
-        # what _moba_forward decided, by the same functions on the cached layout (host only: under selective
-        # checkpointing the recompute gets the op's kept outputs, not its host values)
-        dense_blocks = dense_blocks_of(top_k)
-        layout = cached_layout(tuple(lens), block_size, dense_blocks, q.device)
-        tile_m = list_tile(q, layout, block_size, top_k)
-        n_lists = 0 if tile_m is None else len(LIST_TENSORS)
-        list_tensors = rest[:n_lists] or [None] * len(LIST_TENSORS)
-        dense_saved = rest[n_lists:]
+        routing = torch.ops.moba.route(q, k, lens, block_size, top_k, group_routing)
+        o, lse, *dense_saved = torch.ops.moba.triton_fwd(q, k, v, routing, lens, block_size, top_k, scale,
+                                                         group_routing)
+        layout, sel, lists = _routing_of(q, lens, block_size, top_k, routing)
+        tile_m = None if lists is None else lists["tile_m"]
+        list_tensors = routing[1:] or [None] * len(LIST_TENSORS)
         ctx.save_for_backward(q, k, v, o, lse, sel, *list_tensors, *dense_saved)
-        ctx.args = (lens, layout, tile_m, dense_blocks, partial_budget(q), top_k, block_size, scale, group_routing)
+        ctx.args = (lens, layout, tile_m, dense_blocks_of(top_k), partial_budget(q), top_k, block_size, scale,
+                    group_routing)
         return o
 
     @staticmethod

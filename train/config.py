@@ -244,6 +244,10 @@ class TrainLoopConfig:
     # from the forward instead of running the attention kernels again in the recompute (selective activation
     # checkpointing): less time, more memory (about q's size per layer)
     recompute_attention: bool = True
+    # with activation_checkpointing (attention recomputed): false keeps MoBA's routing (block choices and the
+    # key-block lists, ~2 x tokens x query heads x (top_k - 1) x 4 bytes per MoBA layer) instead of routing again
+    # in the recompute; no effect on full-attention layers
+    recompute_routing: bool = True
     # GPU, cuDNN dense attention (Hopper, bf16): build cuDNN's plan for every padded document length up to
     # data.seq_len (or MoBA's dense prefix length) before step 1, ~0.15 s per length plus one fwd+bwd at it
     # (57 lengths at 32K, 121 at 128K); false builds each when first met, stalling that step (and every rank)

@@ -237,9 +237,11 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         moba_layer_ids = apply_moba(lm, moba_cfg)
     ops_done = prepare_layers(lm, fused_ops, cfg.model.compile)
     if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(lm, cfg.train.recompute_attention)
+        enable_activation_checkpointing(lm, cfg.train.recompute_attention, cfg.train.recompute_routing)
         if not cfg.train.recompute_attention:
             log.info("activation checkpointing keeps the attention outputs (train.recompute_attention=false)")
+        elif not cfg.train.recompute_routing:
+            log.info("activation checkpointing keeps MoBA's routing (train.recompute_routing=false)")
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens, fused_loss=fused_ops)
     log.info("model ops: %s", ops_done)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

@@ -394,7 +394,8 @@ def compile_layers(lm: nn.Module) -> int:
 # The attention ops whose outputs ``train.recompute_attention=false`` keeps from the forward (by schema name): MoBA's
 # Triton forward (one op: ``moba_core.triton_backend``) and the dense attention kernels of ``moba_core.varlen`` and
 # PyTorch's SDPA.
-KEPT_ATTENTION_OPS = frozenset({
+KEPT_ROUTING_OPS = frozenset({"moba::route"})
+KEPT_ATTENTION_OPS = KEPT_ROUTING_OPS | frozenset({
     "moba::triton_fwd", "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
     "aten::_efficient_attention_forward", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -402,35 +403,48 @@ KEPT_ATTENTION_OPS = frozenset({
 })
 
 
-def keep_attention_policy(ctx, op, *args, **kwargs):
-    """Selective activation checkpointing policy (``torch.utils.checkpoint.create_selective_checkpoint_contexts``):
-    keep the outputs of ``KEPT_ATTENTION_OPS``, recompute everything else (norms, projections, RoPE, MLP)."""
+def keep_ops_policy(kept: frozenset, ctx, op, *args, **kwargs):
+    """Selective activation checkpointing policy (``torch.utils.checkpoint.create_selective_checkpoint_contexts``,
+    with ``kept`` bound): keep the outputs of the ops named in ``kept`` (``namespace::name``), recompute
+    everything else (norms, projections, RoPE, MLP)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     schema = getattr(op, "_schema", None)
-    keep = schema is not None and schema.name in KEPT_ATTENTION_OPS
+    keep = schema is not None and schema.name in kept
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpointing_kwargs(recompute_attention: bool = True) -> dict:
+keep_attention_policy = functools.partial(keep_ops_policy, KEPT_ATTENTION_OPS)  # train.recompute_attention=false
+keep_routing_policy = functools.partial(keep_ops_policy, KEPT_ROUTING_OPS)  # train.recompute_routing=false
+
+
+def checkpointing_kwargs(recompute_attention: bool = True, recompute_routing: bool = True) -> dict:
     """The ``gradient_checkpointing_kwargs`` of ``train.activation_checkpointing`` (non-reentrant
-    ``torch.utils.checkpoint`` per decoder layer). ``recompute_attention=False`` adds the selective policy
-    ``keep_attention_policy``: the attention kernels then run once per step instead of twice (their forward in
-    the recompute is replaced by the kept outputs), at the memory of their outputs per layer (o: tokens x
-    query heads x head dim in the model's dtype, plus the LSE and, for MoBA, the routing lists)."""
+    ``torch.utils.checkpoint`` per decoder layer), with a selective policy when something is kept:
+
+    - ``recompute_attention=False``: ``keep_attention_policy``. The attention kernels (MoBA's routing
+      included) then run once per step instead of twice, at the memory of their outputs per layer (o: tokens x
+      query heads x head dim in the model's dtype, the LSE and, for MoBA, the routing).
+    - ``recompute_routing=False`` (attention recomputed): ``keep_routing_policy``. MoBA's routing
+      (``torch.ops.moba.route``: block means, top-k, the key-block lists) runs once per step; its outputs stay
+      (about 2 x tokens x query heads x (top_k - 1) x 4 bytes per MoBA layer). No effect on full attention.
+    """
     kwargs = {"use_reentrant": False}
-    if not recompute_attention:
+    policy = keep_attention_policy if not recompute_attention else None if recompute_routing else keep_routing_policy
+    if policy is not None:
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, keep_attention_policy)
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return kwargs
 
 
-def enable_activation_checkpointing(lm: nn.Module, recompute_attention: bool = True) -> None:
+def enable_activation_checkpointing(lm: nn.Module, recompute_attention: bool = True,
+                                    recompute_routing: bool = True) -> None:
     """``train.activation_checkpointing``: every decoder layer of the HF model ``lm`` under non-reentrant
-    ``torch.utils.checkpoint`` with ``checkpointing_kwargs(recompute_attention)``, through transformers'
-    ``activation_checkpointing_enable`` (its older name ``gradient_checkpointing_enable`` before transformers 5)."""
-    kwargs = checkpointing_kwargs(recompute_attention)
+    ``torch.utils.checkpoint`` with ``checkpointing_kwargs(recompute_attention, recompute_routing)``, through
+    transformers' ``activation_checkpointing_enable`` (its older name ``gradient_checkpointing_enable`` before
+    transformers 5)."""
+    kwargs = checkpointing_kwargs(recompute_attention, recompute_routing)
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -1,7 +1,7 @@
 """train.recompute_attention=false: activation checkpointing keeps the attention kernels' outputs from the forward
 (selective checkpointing, ``train.model.checkpointing_kwargs``) instead of running them again in the recompute.
-MoBA's Triton forward is one dispatcher op (``torch.ops.moba.triton_fwd``) for this; here it runs under the
-Triton interpreter."""
+MoBA's Triton forward is two dispatcher ops (``torch.ops.moba.route`` and ``torch.ops.moba.triton_fwd``) for this;
+``train.recompute_routing=false`` keeps the first only. Here they run under the Triton interpreter."""
 
 import os
 
@@ -18,12 +18,13 @@ from train.model import (  # noqa: E402
     checkpointing_kwargs,
     enable_activation_checkpointing,
     keep_attention_policy,
+    keep_routing_policy,
 )
 
 from .test_fused_ops import loss_and_grads, packed_batch  # noqa: E402
 
 
-def model(recompute_attention: bool | None):
+def model(recompute_attention: bool | None, recompute_routing: bool = True):
     """A tiny Llama (2 layers, GQA 4/2), MoBA block 16 top-2 (triton backend) in both layers, float32."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -31,52 +32,61 @@ def model(recompute_attention: bool | None):
     lm = LlamaForCausalLM(cfg)
     apply_moba(lm, MoBAConfig(block_size=16, top_k=2, full_attn_layers=[], backend="triton"))
     if recompute_attention is not None:  # None: no checkpointing
-        enable_activation_checkpointing(lm, recompute_attention)
+        enable_activation_checkpointing(lm, recompute_attention, recompute_routing)
     lm.train()
     return PackedCausalLM(lm, loss_chunk_tokens=64)
 
 
 @pytest.fixture
-def forward_calls(monkeypatch):
-    """Counts MoBA's Triton forward (routing + kernels + dense prefixes) per run."""
-    calls = []
-    inner = triton_backend._moba_forward
+def calls(monkeypatch):
+    """Counts MoBA's routing (``moba_routing``) and attention kernels with the dense prefixes (``_attend``)."""
+    seen = {"routing": 0, "attend": 0}
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return inner(*args, **kwargs)
+    def counting(name, inner):
+        def counted(*args, **kwargs):
+            seen[name] += 1
+            return inner(*args, **kwargs)
+        return counted
 
-    monkeypatch.setattr(triton_backend, "_moba_forward", counted)
-    return calls
+    for name, attr in (("routing", "moba_routing"), ("attend", "_attend")):
+        monkeypatch.setattr(triton_backend, attr, counting(name, getattr(triton_backend, attr)))
+    return seen
 
 
-def test_kept_attention_runs_once_and_gives_the_same_gradients(forward_calls):
+@pytest.mark.parametrize("setting, routing, attend", [
+    (None, 2, 2),                             # no checkpointing: one forward per layer
+    (dict(recompute_attention=True), 4, 4),   # forward and recompute, both layers
+    (dict(recompute_attention=False), 2, 2),  # the recompute reused the kept outputs
+    (dict(recompute_attention=True, recompute_routing=False), 2, 4),  # routing kept, kernels run again
+])
+def test_kept_outputs_run_once_and_give_the_same_gradients(calls, setting, routing, attend):
     batch = packed_batch()
     (ref, *_), g_ref = loss_and_grads(model(None), batch)
-    assert len(forward_calls) == 2  # one per layer
-    forward_calls.clear()
-    (full, *_), g_full = loss_and_grads(model(recompute_attention=True), batch)
-    assert len(forward_calls) == 4  # forward and recompute, both layers
-    forward_calls.clear()
-    (kept, *_), g_kept = loss_and_grads(model(recompute_attention=False), batch)
-    assert len(forward_calls) == 2  # the recompute reused the kept outputs
-    for loss, grads in ((full, g_full), (kept, g_kept)):
-        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-        for k in g_ref:
-            torch.testing.assert_close(grads[k], g_ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    calls.update(routing=0, attend=0)
+    (loss, *_), grads = loss_and_grads(model(**setting) if setting else model(None), batch)
+    assert calls == {"routing": routing, "attend": attend}
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for k in g_ref:
+        torch.testing.assert_close(grads[k], g_ref[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_policy_keeps_only_attention_ops():
     from torch.utils.checkpoint import CheckpointPolicy
 
-    keep = CheckpointPolicy.MUST_SAVE
+    keep, again = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
     assert keep_attention_policy(None, torch.ops.moba.triton_fwd.default) == keep
+    assert keep_attention_policy(None, torch.ops.moba.route.default) == keep
+    assert keep_routing_policy(None, torch.ops.moba.route.default) == keep
+    assert keep_routing_policy(None, torch.ops.moba.triton_fwd.default) == again
+    assert keep_routing_policy(None, torch.ops.aten._scaled_dot_product_cudnn_attention.default) == again
     assert keep_attention_policy(None, torch.ops.aten._scaled_dot_product_cudnn_attention.default) == keep
     assert keep_attention_policy(None, torch.ops.aten._flash_attention_forward.default) == keep
     for op in (torch.ops.aten.mm.default, torch.ops.aten._flash_attention_backward.default,
                torch.ops.aten.silu.default):
         assert keep_attention_policy(None, op) == CheckpointPolicy.PREFER_RECOMPUTE
     assert checkpointing_kwargs() == {"use_reentrant": False}
+    assert checkpointing_kwargs(recompute_routing=False)["context_fn"].args == (keep_routing_policy,)
+    assert checkpointing_kwargs(False, False)["context_fn"].args == (keep_attention_policy,)
 
 
 def test_training_run_with_kept_attention(tmp_path, data_cache):
