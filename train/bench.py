@@ -6,10 +6,12 @@ full attention, on long documents, up to the longest context that trains.
     python -m train.bench --points 32768:full,32768:512:8 --steps 6 -- model.fused_ops=false
     python -m train.bench --points 32768:full@nockpt        # without activation checkpointing
     python -m train.bench --points 131072:full@keepattn     # checkpointing that keeps the attention outputs
+    python -m train.bench --points 131072:512:8@keeproute   # checkpointing that keeps MoBA's routing
 
 A point is ``SEQ_LEN:full`` or ``SEQ_LEN:BLOCK:TOP_K`` (MoBA in every layer), with ``@spN`` for one sequence
-over N GPUs, ``@nockpt`` for a run without activation checkpointing (which the others use) and ``@keepattn`` for
-checkpointing that keeps the attention outputs (``train.recompute_attention=false``). Every point is
+over N GPUs, ``@nockpt`` for a run without activation checkpointing (which the others use), ``@keepattn`` for
+checkpointing that keeps the attention outputs (``train.recompute_attention=false``) and ``@keeproute`` (MoBA points)
+for checkpointing that keeps MoBA's routing (``train.recompute_routing=false``). Every point is
 one ``python -m torch.distributed.run -m train`` run of the real loop (data, DeepSpeed step, logging) of
 ``--model`` (the 1B Llama shape) on ``--documents`` (``package``: long documents) packed by ``--packing``
 (``best_fit``: a document is cut only where it is longer than ``seq_len``, so long documents give samples of
@@ -22,15 +24,15 @@ about the same; every point of a run sees the same samples in the same steps, so
 work). Memory is the CUDA peak of the run (none on a CPU). A run that fails (out of memory included) or is
 stopped by a signal is a row with ``ok: false``.
 
-Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the
-rows into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full |
-moba), ``moba`` ("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it
-existed: true), ``recompute_attention`` (likewise: true), ``packing`` (absent in rows written before it
-existed: concat), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where
-the table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also
-``profile_ms``: the last step's wall, idle and per-part GPU time, ``train.profiling``), where rows of the same
-(seq_len, attention, moba, gpus, activation_checkpointing, packing, recompute_attention) are replaced and the
-others kept, so one-GPU and two-GPU runs add up.
+Output: the table printed and written into ``--output`` (``BENCHMARKS.md``) between marker comments, and the rows
+into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``attention`` (full | moba), ``moba``
+("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it existed: true),
+``recompute_attention`` and ``recompute_routing`` (likewise: true), ``packing`` (absent in rows written before it
+existed: concat), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where the
+table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``: the last
+step's wall, idle and per-part GPU time, ``train.profiling``), where rows of the same (seq_len, attention, moba,
+gpus, activation_checkpointing, packing, recompute_attention, recompute_routing) are replaced and the others kept,
+so one-GPU and two-GPU runs add up.
 Each point's run directory under ``--run-root`` is replaced, so reruns into the same root work.
 """
 
@@ -60,9 +62,10 @@ BASE_OVERRIDES = ["train.micro_batch_size=1", "train.grad_accum=1", "parallel.ze
 
 
 def parse_point(text: str) -> dict:
-    """``SEQ_LEN:full`` | ``SEQ_LEN:BLOCK:TOP_K``, optionally ``@spN``, ``@nockpt`` (no activation checkpointing) or
-    ``@keepattn`` (checkpointing that keeps the attention outputs: ``train.recompute_attention=false``) -> ``{seq_len,
-    attention, moba, gpus, activation_checkpointing, recompute_attention}``.
+    """``SEQ_LEN:full`` | ``SEQ_LEN:BLOCK:TOP_K``, optionally ``@spN``, and one of ``@nockpt`` (no activation
+    checkpointing), ``@keepattn`` (checkpointing that keeps the attention outputs: ``train.recompute_attention=false``)
+    or, for MoBA, ``@keeproute`` (checkpointing that keeps the routing: ``train.recompute_routing=false``) ->
+    ``{seq_len, attention, moba, gpus, activation_checkpointing, recompute_attention, recompute_routing}``.
 
     Raises:
         ValueError: naming the point when it is not of that form.
@@ -72,38 +75,49 @@ def parse_point(text: str) -> dict:
     try:
         sp = [t for t in tags if t.startswith("sp")]
         gpus = int(sp[0][2:]) if sp else 1
-        if (len(sp) > 1 or gpus < 1 or len(tags) != len(set(tags)) or set(tags) - set(sp) - {"nockpt", "keepattn"}
-                or {"nockpt", "keepattn"} <= set(tags)):
+        modes = set(tags) - set(sp)
+        if (len(sp) > 1 or gpus < 1 or len(tags) != len(set(tags)) or modes - {"nockpt", "keepattn", "keeproute"}
+                or len(modes) > 1 or ("keeproute" in modes and parts[1:] == ["full"])):
             raise ValueError
         p = {"seq_len": int(parts[0]), "gpus": gpus, "activation_checkpointing": "nockpt" not in tags,
-             "recompute_attention": "keepattn" not in tags}
+             "recompute_attention": "keepattn" not in tags, "recompute_routing": "keeproute" not in tags}
         if parts[1:] == ["full"]:
             return {**p, "attention": "full", "moba": None}
         block, top_k = (int(x) for x in parts[1:])
         return {**p, "attention": "moba", "moba": f"{block}:{top_k}"}
     except ValueError:
         raise ValueError(f"--points: {text!r} is not SEQ_LEN:full or SEQ_LEN:BLOCK:TOP_K (optionally @spN, "
-                         "and @nockpt or @keepattn)") from None
+                         "and one of @nockpt, @keepattn or, for MoBA, @keeproute)") from None
 
 
 def row_key(r: dict) -> tuple:
     """What names a point's row: (seq_len, attention, moba, gpus, activation_checkpointing, packing,
-    recompute_attention); rows written before the last three fields existed ran with checkpointing (recomputing
-    attention) and concat packing."""
+    recompute_attention, recompute_routing); rows written before the last four fields existed ran with
+    checkpointing (recomputing attention and routing) and concat packing."""
     return (r["seq_len"], r["attention"], r["moba"], r["gpus"], r.get("activation_checkpointing", True),
-            r.get("packing", "concat"), r.get("recompute_attention", True))
+            r.get("packing", "concat"), r.get("recompute_attention", True), r.get("recompute_routing", True))
+
+
+def full_key(r: dict) -> tuple:
+    """The full-attention row a row's "vs full" compares with: same length, GPUs, checkpointing, packing and
+    attention recompute (``row_key`` less attention, moba and recompute_routing, which full attention does not
+    have)."""
+    return row_key(r)[:1] + row_key(r)[3:7]
 
 
 def point_label(r: dict) -> str:
-    """The attention column of the tables: "full" or "MoBA 512:8", and "(no ckpt)" without checkpointing or
-    "(attention kept)" with checkpointing that keeps the attention outputs."""
-    return ((f"MoBA {r['moba']}" if r["moba"] else "full") + ("" if row_key(r)[4] else " (no ckpt)")
-            + ("" if row_key(r)[6] else " (attention kept)"))
+    """The attention column of the tables: "full" or "MoBA 512:8", and "(no ckpt)" without checkpointing,
+    "(attention kept)" with checkpointing that keeps the attention outputs or "(routing kept)" with checkpointing
+    that keeps MoBA's routing."""
+    key = row_key(r)
+    return ((f"MoBA {r['moba']}" if r["moba"] else "full") + ("" if key[4] else " (no ckpt)")
+            + ("" if key[6] else " (attention kept)") + ("" if key[7] else " (routing kept)"))
 
 
 def point_name(p: dict) -> str:
     return (f"{p['seq_len']}_{p['moba'].replace(':', '-') if p['moba'] else 'full'}_sp{p['gpus']}"
-            + ("" if row_key(p)[4] else "_nockpt") + ("" if row_key(p)[6] else "_keepattn"))
+            + ("" if row_key(p)[4] else "_nockpt") + ("" if row_key(p)[6] else "_keepattn")
+            + ("" if row_key(p)[7] else "_keeproute"))
 
 
 def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package",
@@ -114,7 +128,8 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
            f"data.seq_len={p['seq_len']}",
            f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
            f"train.activation_checkpointing={str(row_key(p)[4]).lower()}",
-           f"train.recompute_attention={str(row_key(p)[6]).lower()}", "moba.full_attn_layers=[]",
+           f"train.recompute_attention={str(row_key(p)[6]).lower()}",
+           f"train.recompute_routing={str(row_key(p)[7]).lower()}", "moba.full_attn_layers=[]",
            f"train.profile_step={steps if profile else 0}"]
     if p["attention"] == "full":
         return [*out, "schedule=full"]
@@ -127,7 +142,7 @@ def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str
 POINT_KEYS = {"data.seq_len": "--points", "moba.block_size": "--points", "moba.top_k": "--points",
               "moba.full_attn_layers": "--points", "moba.layers": "--points", "parallel.sp_size": "--points (@spN)",
               "schedule": "--points", "train.activation_checkpointing": "--points (@nockpt)",
-              "train.recompute_attention": "--points (@keepattn)",
+              "train.recompute_attention": "--points (@keepattn)", "train.recompute_routing": "--points (@keeproute)",
               "train.max_steps": "--steps", "model": "--model", "data.documents": "--documents",
               "data.packing": "--packing", "train.profile_step": "--profile"}
 
@@ -246,8 +261,8 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
 
 def table(results: list[dict], command: str, gpu: str) -> str:
     """The markdown section: one row per point, and MoBA's step-time speed-up over full attention run the same
-    way (``row_key`` less attention and moba: length, GPUs, checkpointing, packing, attention recompute)."""
-    full = {row_key(r)[:1] + row_key(r)[3:]: r for r in results if r["ok"] and r["attention"] == "full"}
+    way (``full_key``: length, GPUs, checkpointing, packing, attention recompute)."""
+    full = {full_key(r): r for r in results if r["ok"] and r["attention"] == "full"}
     packings = sorted({row_key(r)[5] for r in results})
     lines = [f"Training benchmark, {datetime.date.today()}, {gpu}, {'/'.join(packings)} packing: `{command}`", "",
              "| seq_len | GPUs | attention | tokens/s | step s | vs full | MFU | peak GiB | losses (first 3) |",
@@ -257,7 +272,7 @@ def table(results: list[dict], command: str, gpu: str) -> str:
         if not r["ok"]:
             lines.append(f"| {r['seq_len']} | {r['gpus']} | {attn} | failed: {r['error']} | | | | | |")
             continue
-        f = full.get(row_key(r)[:1] + row_key(r)[3:])
+        f = full.get(full_key(r))
         speed = f"{f['step_s'] / r['step_s']:.2f}x" if f and r["moba"] else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"  # None: no CUDA peak (a CPU run)
@@ -300,6 +315,7 @@ def merge_json(path: Path, rows: list[dict]) -> list[dict]:
     new_keys = {row_key(r) for r in rows}
     merged = [r for r in old if row_key(r) not in new_keys] + rows
     merged.sort(key=lambda r: (r["gpus"], r["seq_len"], row_key(r)[5], not row_key(r)[4], not row_key(r)[6],
+                               not row_key(r)[7],
                                r["attention"] == "moba", r["moba"] or ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1) + "\n")
@@ -313,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.bench", description=" ".join(__doc__.split("\n\n")[0].split()),
                                  epilog="Overrides for every run follow --, e.g. -- model.fused_ops=false.")
     ap.add_argument("--points", default=DEFAULT_POINTS,
-                    help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K, each optionally @spN, and @nockpt or "
-                         "@keepattn")
+                    help="comma list of SEQ_LEN:full | SEQ_LEN:BLOCK:TOP_K, each optionally @spN, and one of "
+                         "@nockpt, @keepattn or (MoBA) @keeproute")
     ap.add_argument("--steps", type=int, default=10,
                     help="training steps per point (tokens/s, step time and MFU over steps 3.. together: the first "
                          "steps compile kernels and build cuDNN plans for new document lengths)")

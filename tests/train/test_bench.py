@@ -23,14 +23,18 @@ from .conftest import SMALL, small_data_args
 
 def test_points_parse_and_name_their_overrides():
     assert parse_point("32768:full") == {"seq_len": 32768, "attention": "full", "moba": None, "gpus": 1,
-                                         "activation_checkpointing": True, "recompute_attention": True}
+                                         "activation_checkpointing": True, "recompute_attention": True,
+                                         "recompute_routing": True}
     assert parse_point("1048576:512:8@sp2") == {"seq_len": 1048576, "attention": "moba", "moba": "512:8", "gpus": 2,
-                                                "activation_checkpointing": True, "recompute_attention": True}
+                                                "activation_checkpointing": True, "recompute_attention": True,
+                                                "recompute_routing": True}
     assert parse_point("32768:512:8@nockpt@sp2") == {**parse_point("32768:512:8@sp2"),
                                                      "activation_checkpointing": False}
     assert parse_point("32768:512:8@keepattn") == {**parse_point("32768:512:8"), "recompute_attention": False}
+    assert parse_point("32768:512:8@keeproute@sp2") == {**parse_point("32768:512:8@sp2"), "recompute_routing": False}
     for bad in ("32768", "32768:512", "x:full", "32768:full@dp2", "32768:512:8:1", "32768:full@sp2@sp2",
-                "32768:full@nockpt@nockpt", "32768:full@ckpt", "32768:full@nockpt@keepattn"):
+                "32768:full@nockpt@nockpt", "32768:full@ckpt", "32768:full@nockpt@keepattn",
+                "32768:full@keeproute", "32768:512:8@keeproute@keepattn", "32768:512:8@nockpt@keeproute"):
         with pytest.raises(ValueError, match=f"--points: '{bad}' is not SEQ_LEN:full"):
             parse_point(bad)
     o = point_overrides(parse_point("4096:256:4@sp2"), 5)
@@ -44,6 +48,10 @@ def test_points_parse_and_name_their_overrides():
     kept = point_overrides(parse_point("4096:full@keepattn"), 5)
     assert {"train.activation_checkpointing=true", "train.recompute_attention=false"} <= set(kept)
     assert point_name(parse_point("4096:256:4@keepattn")) == "4096_256-4_sp1_keepattn"
+    assert "train.recompute_routing=true" in o
+    route = point_overrides(parse_point("4096:256:4@keeproute"), 5)
+    assert {"train.recompute_attention=true", "train.recompute_routing=false"} <= set(route)
+    assert point_name(parse_point("4096:256:4@keeproute")) == "4096_256-4_sp1_keeproute"
     assert "data.packing=best_fit" in o and "data.packing=concat" in point_overrides(parse_point("4096:full"), 5,
                                                                                     packing="concat")
 
@@ -60,6 +68,8 @@ def test_points_parse_and_name_their_overrides():
     pytest.param(["--", "data.packing=concat"], "own data.packing: set it with --packing", id="packing"),
     pytest.param(["--", "train.recompute_attention=false"], "own train.recompute_attention: set it with --points "
                  "(@keepattn)", id="recompute-attention"),
+    pytest.param(["--", "train.recompute_routing=false"], "own train.recompute_routing: set it with --points "
+                 "(@keeproute)", id="recompute-routing"),
     pytest.param(["--steps", "0"], "--steps 0 must be >= 1", id="steps"),
     pytest.param(["--timeout", "0"], "--timeout 0 must be > 0 seconds", id="timeout"),
     pytest.param(["--points", " , "], "--points ' , ' names no point", id="no-point"),
@@ -105,6 +115,13 @@ def test_json_rows_of_a_point_are_replaced_and_others_kept(tmp_path):
     got = sorted((r.get("packing", "concat"), r.get("recompute_attention", True), r["tokens_per_s"]) for r in rows
                  if r["gpus"] == 1 and r.get("activation_checkpointing", True))
     assert got == [("best_fit", True, 9.0), ("concat", False, 6.0), ("concat", True, 8.5)]
+    # and one that keeps MoBA's routing; a row without the field recomputed it
+    moba = {**row, "attention": "moba", "moba": "16:2"}
+    merge_json(f, [{**moba, "tokens_per_s": 2.0}, {**moba, "recompute_routing": False, "tokens_per_s": 2.5}])
+    merge_json(f, [{**moba, "recompute_routing": True, "tokens_per_s": 2.2}])
+    got = sorted((r.get("recompute_routing", True), r["tokens_per_s"]) for r in json.loads(f.read_text())
+                 if r["attention"] == "moba")
+    assert got == [(False, 2.5), (True, 2.2)]
 
 
 def test_vs_full_compares_rows_of_the_same_checkpointing():
@@ -114,11 +131,15 @@ def test_vs_full_compares_rows_of_the_same_checkpointing():
         return {**parse_point(point), "packing": "best_fit", "ok": True, "error": None, "tokens_per_s": 1.0,
                 "step_s": step_s, "mfu": 0.3, "peak_gib": 1.0, "losses": [1.0]}
 
-    rows = [row("8:full", 10.0), row("8:16:2", 4.0), row("8:full@keepattn", 6.0), row("8:16:2@keepattn", 3.0)]
+    rows = [row("8:full", 10.0), row("8:16:2", 4.0), row("8:full@keepattn", 6.0), row("8:16:2@keepattn", 3.0),
+            row("8:16:2@keeproute", 3.6)]
     text = table(rows, "cmd", "gpu")
     assert f"| {point_label(rows[1])} | 1 | 4.00 | 2.50x |" in text
     assert f"| {point_label(rows[3])} | 1 | 3.00 | 2.00x |" in text
     assert point_label(rows[3]) == "MoBA 16:2 (attention kept)"
+    # keeping MoBA's routing leaves full attention as it is: against the plain full row, 10 s / 3.6 s
+    assert point_label(rows[4]) == "MoBA 16:2 (routing kept)"
+    assert f"| {point_label(rows[4])} | 1 | 3.60 | 2.78x |" in text
 
 
 def test_summary_of_metrics_rows_hand_worked():
