@@ -302,6 +302,9 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         if built and info.is_main:
             log.info("cuDNN attention plans for %d lengths (%d-%d tokens) built in %.1f s "
                      "(train.warmup_attention_plans)", len(built), built[0], built[-1], secs)
+        if built:  # the steps' peak memory (mem_gb) is training's own, not the warm-up's random tensors
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(info.device)
     current: list[int] | None = None
 
     def use_schedule_of(s: int) -> list[int]:
