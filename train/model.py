@@ -391,9 +391,10 @@ def compile_layers(lm: nn.Module) -> int:
     return len(layers)
 
 
-# The attention ops whose outputs ``train.recompute_attention=false`` keeps from the forward (by schema name): MoBA's
-# Triton forward (one op: ``moba_core.triton_backend``) and the dense attention kernels of ``moba_core.varlen`` and
-# PyTorch's SDPA.
+# The ops whose outputs selective checkpointing keeps from the forward (by schema name): MoBA's routing
+# (``train.recompute_routing=false``), and with it MoBA's Triton forward (``moba_core.triton_backend``: the route op
+# and the kernels op) and the dense attention kernels of ``moba_core.varlen`` and PyTorch's SDPA
+# (``train.recompute_attention=false``).
 KEPT_ROUTING_OPS = frozenset({"moba::route"})
 KEPT_ATTENTION_OPS = KEPT_ROUTING_OPS | frozenset({
     "moba::triton_fwd", "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
