@@ -241,7 +241,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         if not cfg.train.recompute_attention:
             log.info("activation checkpointing keeps the attention outputs (train.recompute_attention=false)")
         elif not cfg.train.recompute_routing:
-            log.info("activation checkpointing keeps MoBA's routing (train.recompute_routing=false)")
+            log.info("activation checkpointing keeps MoBA's routing (train.recompute_routing=false; MoBA layers on "
+                     "the triton backend, the GPU's default)")
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens, fused_loss=fused_ops)
     log.info("model ops: %s", ops_done)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
