@@ -70,6 +70,7 @@ def attended_positions(L: int, bs: int, top_k: int) -> int:
 
 MIN_TIMED_MS = 200.0  # short calls repeat until this much was timed: a median of 3 runs of 2 ms moves by ~5%
 MAX_TIMED_MS = 3000.0  # a method stops adding runs once this much was timed (long points: a few runs)
+SETTLE_MS = 100.0  # untimed calls of a method before its timed runs: the clock settles to its own power draw
 
 
 def cuda_time(fn) -> float:
@@ -83,44 +84,45 @@ def cuda_time(fn) -> float:
 
 
 def timed_many(fns: dict, reps: int, clock=cuda_time) -> dict:
-    """Median milliseconds of each callable of ``fns`` (name -> fn), after one warm-up call each, timed in
-    alternating rounds (one call of every method per round, in order), so that a drift of the GPU's clock or
-    temperature during the measurement reaches every method alike (a method timed after another, as before
-    2026-11-30 session 8, could differ by a few percent from such drift alone; METHOD.md: time the same version
-    twice, a smaller difference is noise). Rounds go on until every method has at least ``reps`` runs and at
-    least ``MIN_TIMED_MS`` of them (at most 1000 runs), or ``MAX_TIMED_MS`` timed; a method that is done keeps
-    its place in the rounds while others go on, up to ``MAX_TIMED_MS``. A method whose call raises
-    leaves the rounds with the cell ``"OOM"`` (out of memory) or ``"err"`` (traceback printed); the others go on.
-    ``clock(fn) -> ms`` times one call (CUDA events; tests pass another)."""
-    out, times, live = {}, {n: [] for n in fns}, dict(fns)
+    """Median milliseconds of each callable of ``fns`` (name -> fn), each timed in its own steady state: two
+    blocks per method, the methods in order and then in reverse (A B B A), so that a slow drift of the GPU
+    during the measurement reaches every method alike. Each block starts with untimed warm-up calls of at
+    least ``SETTLE_MS`` of that method's own work (at least one call): the H200 holds its 700 W cap under
+    long full-attention calls by lowering its clock (1980 -> ~1450-1550 MHz, ``nvidia-smi dmon``), and a
+    method timed right after another inherits that clock for a while (MoBA's 131072:512:8 forward measured
+    21.1 ms alone and 26.7 ms in rounds alternating one call of each method, session 9). A block times runs
+    until it has at least ``ceil(reps / 2)`` of them and at least ``MIN_TIMED_MS / 2`` of timed work (at most
+    500 runs), or ``MAX_TIMED_MS / 2`` timed. A method whose call raises leaves with the cell ``"OOM"`` (out of
+    memory) or ``"err"`` (traceback printed); the others go on. ``clock(fn) -> ms`` times one call (CUDA
+    events; tests pass another)."""
+    out, times = {}, {n: [] for n in fns}
 
-    def run(name, fn, record):
+    def block(name, fn):
+        t, settle = [], 0.0
         try:
-            ms = clock(fn)
+            for _ in range(500):
+                settle += clock(fn)
+                if settle >= SETTLE_MS:
+                    break
+            while not (sum(t) >= MAX_TIMED_MS / 2
+                       or (len(t) >= -(-reps // 2) and (sum(t) >= MIN_TIMED_MS / 2 or len(t) >= 500))):
+                t.append(clock(fn))
         except torch.OutOfMemoryError:
             out[name] = "OOM"
         except Exception:  # noqa: BLE001 - a failing cell must not stop the table
             traceback.print_exc(limit=3)
             out[name] = "err"
-        else:
-            if record:
-                times[name].append(ms)
-            return
-        del live[name]
+        times[name] += t
 
-    for name, fn in list(live.items()):
-        run(name, fn, record=False)
-
-    def done(t):
-        return sum(t) >= MAX_TIMED_MS or (len(t) >= reps and (sum(t) >= MIN_TIMED_MS or len(t) >= 1000))
-
-    while live and not all(done(times[n]) for n in live):
-        for name, fn in list(live.items()):
-            if sum(times[name]) < MAX_TIMED_MS:  # a long call stops at its cap: drift is nothing beside it
-                run(name, fn, record=True)
-    for name in live:
-        out[name] = sorted(times[name])[len(times[name]) // 2]
-    return out
+    names = list(fns)
+    for name in names + names[::-1]:
+        if name not in out:
+            block(name, fns[name])
+    for name in names:
+        if name not in out:
+            t = sorted(times[name])
+            out[name] = t[len(t) // 2]
+    return {n: out[n] for n in names}
 
 
 def timed(fn, reps: int, clock=cuda_time) -> float:

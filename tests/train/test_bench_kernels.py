@@ -1,4 +1,5 @@
-"""``train.bench_kernels.timed_many``: methods timed in alternating rounds, with a fake clock (no GPU needed)."""
+"""``train.bench_kernels.timed_many``: each method timed in its own blocks (A B B A), with a fake clock (no GPU
+needed)."""
 
 import pytest
 import torch
@@ -23,31 +24,49 @@ def fake(durations, order, fail=None):
     return fns, clock
 
 
-def test_rounds_alternate_and_go_on_until_every_method_is_done():
+def runs(order):
+    """[(name, count)] of consecutive runs of one name."""
+    out = []
+    for n in order:
+        if out and out[-1][0] == n:
+            out[-1][1] += 1
+        else:
+            out.append([n, 1])
+    return [tuple(x) for x in out]
+
+
+def test_blocks_go_abba_with_a_settling_warm_up_each():
     order = []
     fns, clock = fake({"full": 2.0, "moba": 2.5}, order)
     ms = bk.timed_many(fns, 3, clock)
     assert ms == {"full": 2.0, "moba": 2.5}
-    assert order[:2] == ["full", "moba"]  # the warm-ups
-    timed = order[2:]
-    assert timed == ["full", "moba"] * (len(timed) // 2)  # strictly alternating rounds
-    # full (2 ms) needs 100 runs for MIN_TIMED_MS; moba, done after 80, stays in the rounds
-    assert len(timed) // 2 == 100
+    # per block: SETTLE_MS (100 ms) of untimed calls, then MIN_TIMED_MS / 2 (100 ms) of timed ones
+    assert runs(order) == [("full", 50 + 50), ("moba", 2 * (40 + 40)), ("full", 50 + 50)]
 
 
-def test_a_long_method_leaves_at_its_cap_and_the_median_is_taken():
+def test_the_settling_clock_is_left_out_and_the_median_of_both_blocks_is_taken():
     order = []
     fns, _ = fake({"a": 0, "b": 0}, order)
-    runs = {"a": iter([0.0] + [1.0, 3.0, 2.0, 5.0] * 100), "b": iter([0.0, 700.0, 1000.0, 1200.0, 1100.0, 7.0])}
+    # b: a slow first call (the inherited clock) then 40 ms calls; a: 1, 3, 2, 5 ms
+    seq = {"a": iter([1.0, 3.0, 2.0, 5.0] * 1000), "b": iter([90.0, 40.0] + [40.0, 41.0] * 100)}
 
     def clock(fn):
         fn()
-        return next(runs[order[-1]])
+        return next(seq[order[-1]])
 
     ms = bk.timed_many(fns, 3, clock)
-    assert order[2:].count("b") == 4  # 700 + 1000 + 1200 < 3000 <= that + 1100 (MAX_TIMED_MS): no more runs of b
-    assert ms["b"] == 1100.0  # median of 700, 1000, 1200, 1100 (the upper middle)
-    assert order[2:].count("a") == 74 and ms["a"] == 3.0  # 1, 3, 2, 5 ms repeated: 74 runs reach 200 ms
+    # block 1: 90 + 40 settle, then 40 + 41 + 40 timed (>= MIN_TIMED_MS / 2); block 2: 41 + 40 + 41 settle, then
+    # 40 + 41 + 40 timed: the median of the six timed runs, the 90 ms call left out
+    assert order.count("b") == (2 + 3) + (3 + 3)
+    assert ms["b"] == 40.0
+    assert ms["a"] == 3.0
+
+
+def test_a_long_method_stops_at_half_its_cap_per_block():
+    order = []
+    fns, clock = fake({"full": 1200.0}, order)
+    assert bk.timed_many(fns, 5, clock) == {"full": 1200.0}
+    assert len(order) == 2 * (1 + 2)  # per block: one settling call, then 1200 + 1200 >= MAX_TIMED_MS / 2
 
 
 @pytest.mark.parametrize("error, cell", [(torch.OutOfMemoryError("CUDA out of memory"), "OOM"),
@@ -57,6 +76,6 @@ def test_a_failing_method_is_a_cell_and_the_others_go_on(error, cell):
     fns, clock = fake({"full": 10.0, "moba": 20.0}, order, fail={"moba": error})
     ms = bk.timed_many(fns, 3, clock)
     assert ms == {"full": 10.0, "moba": cell}
-    assert order.count("moba") == 1 and order.count("full") == 21  # warm-up + 20 runs of 10 ms
+    assert order.count("moba") == 1 and order.count("full") == 2 * (10 + 10)  # 2 blocks of 100 + 100 ms
     with pytest.raises(RuntimeError, match=cell):
         bk.timed(fns["moba"], 3, clock)
