@@ -29,7 +29,7 @@ into ``--json`` (``results/train.json``: a list of objects with ``seq_len``, ``a
 ("512:8" or null), ``gpus``, ``activation_checkpointing`` (absent in rows written before it existed: true),
 ``recompute_attention`` and ``recompute_routing`` (likewise: true), ``packing`` (absent in rows written before it
 existed: concat), ``tokens_per_s``, ``step_s``, ``mfu``, ``peak_gib`` (peak CUDA memory; null on a CPU, where the
-table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``: the last
+table shows "-"), ``ok``, ``error``, ``losses``, ``gpu``, ``date``; with ``--profile`` also ``profile_ms``: an extra
 step's wall, idle and per-part GPU time, ``train.profiling``), where rows of the same (seq_len, attention, moba,
 gpus, activation_checkpointing, packing, recompute_attention, recompute_routing) are replaced and the others kept,
 so one-GPU and two-GPU runs add up.
@@ -122,15 +122,17 @@ def point_name(p: dict) -> str:
 
 def point_overrides(p: dict, steps: int, model: str = "llama_1b", documents: str = "package",
                     profile: bool = False, packing: str = "best_fit") -> list[str]:
-    """The ``python -m train`` overrides of a point (before the user's); ``profile``: its last step runs under
-    ``torch.profiler`` (``train.profile_step``)."""
+    """The ``python -m train`` overrides of a point (before the user's); ``profile``: one step more, step
+    ``steps + 1``, runs under ``torch.profiler`` (``train.profile_step``), so the step figures (which leave the
+    profiled step out) cover the same samples as a run without ``--profile``. The learning rate warms up over
+    ``steps`` either way."""
     out = [f"model={model}", f"data.documents={documents}", f"data.packing={packing}", *BASE_OVERRIDES,
            f"data.seq_len={p['seq_len']}",
-           f"train.max_steps={steps}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
+           f"train.max_steps={steps + profile}", f"optim.warmup_steps={steps}", f"parallel.sp_size={p['gpus']}",
            f"train.activation_checkpointing={str(row_key(p)[4]).lower()}",
            f"train.recompute_attention={str(row_key(p)[6]).lower()}",
            f"train.recompute_routing={str(row_key(p)[7]).lower()}", "moba.full_attn_layers=[]",
-           f"train.profile_step={steps if profile else 0}"]
+           f"train.profile_step={steps + 1 if profile else 0}"]
     if p["attention"] == "full":
         return [*out, "schedule=full"]
     block, top_k = p["moba"].split(":")
@@ -252,7 +254,7 @@ def run_point(p: dict, args, extra: list[str]) -> dict:
         return {**row, "error": str(e)}
     from .profiling import summary_path
 
-    prof = summary_path(run_dir, args.steps)
+    prof = summary_path(run_dir, args.steps + 1)  # the extra step point_overrides adds under --profile
     if args.profile and prof.is_file():
         split = json.loads(prof.read_text())
         row["profile_ms"] = {"wall": split["wall_ms"], "idle": split["idle_ms"], **split["categories_ms"]}
@@ -283,9 +285,9 @@ def table(results: list[dict], command: str, gpu: str) -> str:
     if profiled:
         from .profiling import CATEGORIES
 
-        lines += ["", "One step under torch.profiler (the last step of each point; kernel time per part in ms, its "
-                  "share of the kernel time, and idle = wall - kernel time; recompute counted where it runs; on a CPU "
-                  "the operators' self times, a rough split):", "",
+        lines += ["", "One step under torch.profiler (one step after the measured ones; kernel time per part in ms, "
+                  "its share of the kernel time, and idle = wall - kernel time; recompute counted where it runs; on a "
+                  "CPU the operators' self times, a rough split):", "",
                   "| seq_len | GPUs | attention | wall ms | " + " | ".join(CATEGORIES) + " | idle |",
                   "|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
         for r in profiled:
@@ -344,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="results/train.json", help="rows merged into this file ('' = none)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per point before it counts as failed")
     ap.add_argument("--profile", action="store_true",
-                    help="profile each point's last step (train.profile_step): its time split into attention, "
-                         "matmul, loss, optimizer, ... as a second table and profile_ms in the JSON rows")
+                    help="run one step more under torch.profiler (train.profile_step; the step figures leave it "
+                         "out): its time split into attention, matmul, loss, optimizer, ... as a second table and "
+                         "profile_ms in the JSON rows")
     args = ap.parse_args(argv)
     try:
         points = [parse_point(t) for t in args.points.split(",") if t.strip()]

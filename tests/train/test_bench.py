@@ -54,6 +54,9 @@ def test_points_parse_and_name_their_overrides():
     assert point_name(parse_point("4096:256:4@keeproute")) == "4096_256-4_sp1_keeproute"
     assert "data.packing=best_fit" in o and "data.packing=concat" in point_overrides(parse_point("4096:full"), 5,
                                                                                     packing="concat")
+    assert "train.profile_step=0" in o
+    prof = point_overrides(parse_point("4096:full"), 5, profile=True)  # one step more, profiled
+    assert {"train.max_steps=6", "train.profile_step=6", "optim.warmup_steps=5"} <= set(prof)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -75,9 +75,10 @@ def test_profiled_step_is_left_out_of_the_figures_of_a_short_benchmark():
     assert summarize(rows[-1:])["tokens_per_s"] == 100.0  # one step, profiled: the only one there is
 
 
-def test_bench_profile_writes_the_split_of_the_last_step(tmp_path, small_corpus):
-    """``--profile`` on the CPU: the last step runs under torch.profiler; its split lands in the run directory,
-    the JSON row and a second table; the step's metrics row says it was profiled."""
+def test_bench_profile_writes_the_split_of_an_extra_step(tmp_path, small_corpus):
+    """``--steps 3 --profile`` on the CPU: a fourth step runs under torch.profiler; its split lands in the run
+    directory, the JSON row and a second table; the step's metrics row says it was profiled, and the row's figures
+    are those of step 3, the same step a run without ``--profile`` would measure."""
     md, js, root = tmp_path / "B.md", tmp_path / "train.json", tmp_path / "runs"
     small = [a for a in SMALL if not a.startswith(("data.seq_len", "moba.", "train.micro_batch_size"))]
     assert main(["--points", "256:32:2", "--steps", "3", "--model", "tiny", "--run-root", str(root), "--profile",
@@ -85,15 +86,16 @@ def test_bench_profile_writes_the_split_of_the_last_step(tmp_path, small_corpus)
                  *small_data_args(small_corpus)]) == 0
     (row,) = json.loads(js.read_text())
     run = root / "256_32-2_sp1"
-    split = json.loads((run / "profile_step3.json").read_text())
-    assert split["device"] == "cpu" and split["step"] == 3
+    split = json.loads((run / "profile_step4.json").read_text())
+    assert split["device"] == "cpu" and split["step"] == 4
     assert sum(split["categories_ms"].values()) == pytest.approx(split["busy_ms"])
     assert split["categories_ms"]["matmul"] > 0 and split["categories_ms"]["attention"] > 0
     assert split["wall_ms"] > 0 and split["idle_ms"] == pytest.approx(split["wall_ms"] - split["busy_ms"])
     assert json.loads((run / split["trace"]).read_text())["traceEvents"]  # the Chrome trace
     assert row["profile_ms"]["matmul"] == split["categories_ms"]["matmul"]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m.get("profiled", False) for m in metrics] == [False, False, True]
+    assert [m.get("profiled", False) for m in metrics] == [False, False, False, True]
+    assert row["tokens_per_s"] == pytest.approx(metrics[2]["tokens_per_s"])
     assert "| 256 | 1 | MoBA 32:2 | " in md.read_text() and "| attention | matmul |" in md.read_text()
 
 
