@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from kernels.attention_bwd import moba_bwd
 from kernels.attention_fwd import moba_fwd
-from kernels.config import kernel_config
+from kernels.config import INTERPRET, kernel_config
 from kernels.routing import block_layout, block_means, build_block_lists, route_topk
 
 from .flash import varlen_causal_attention
@@ -276,6 +276,8 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
         q: (T, HQ, D); k, v: (T, HKV, D); fp16 / bf16 / fp32; any strides. cu_seqlens int32 (docs + 1,).
     Returns:
         o: (T, HQ, D) in q's dtype, differentiable in q, k, v.
+    Raises:
+        ValueError: bfloat16 inputs under ``TRITON_INTERPRET=1`` (the interpreter's bf16 dots are wrong).
     Head dims above 128 run the ``flash`` backend instead (same semantics). Reads ``cu_seqlens`` on the host
     once per tensor (``moba_core.layout.host_cu_seqlens``): later calls with it queue their kernels without
     waiting for the GPU.
@@ -286,6 +288,10 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
 
         return flash_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k,
                                     softmax_scale=softmax_scale, group_routing=group_routing)
+    if INTERPRET and q.dtype == torch.bfloat16:
+        raise ValueError("backend='triton' under TRITON_INTERPRET=1 got bfloat16 inputs: Triton's interpreter computes "
+                         "bf16 dot products wrongly (outputs off by orders of magnitude), so use float32 / float16 "
+                         "there, or backend='flash'")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if q.shape[0] == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # empty, differentiable in q, k, v

@@ -131,6 +131,15 @@ def test_no_tokens_gives_empty_output_and_zero_gradients():
     assert o.shape == (0, 2, 16) and [tuple(g.shape) for g in grads] == [(0, 2, 16), (0, 1, 16), (0, 1, 16)]
 
 
+@pytest.mark.skipif(not kernels.INTERPRET, reason="the interpreter's limitation")
+def test_bfloat16_under_the_interpreter_is_refused():
+    """The interpreter's bf16 dots are wrong (a 256-token bf16 call gave outputs ~1e8 where the reference gives
+    ~0.16), so the backend refuses bf16 there instead of returning them."""
+    q, k, v = (torch.randn(256, h, 16).bfloat16() for h in (4, 2, 2))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 got bfloat16 inputs"):
+        moba_attention(q, k, v, torch.tensor([0, 256], dtype=torch.int32), 256, 32, 3, backend="triton")
+
+
 def test_non_contiguous_inputs():
     check_case([100], 3, 1, 64, 16, 3, False, torch.float32, noncontig=True)
 
