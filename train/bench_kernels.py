@@ -342,7 +342,7 @@ def main(argv=None):
         for backend in ("flash", "triton"):
             if backend in methods:
                 fns[backend] = ((lambda b=backend: moba_attention(q, k, v, cu, L, bs, top_k, backend=b)), att)
-        # first call and peak memory of each method alone, then the methods timed together in alternating rounds
+        # first call and peak memory of each method alone, then each method timed in its own blocks (timed_many)
         res_of, fb_of = {}, {}
         for name, (fn, _) in fns.items():
             if fn == "est":
