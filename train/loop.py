@@ -35,6 +35,7 @@ from .model import (
     dense_attention_max_len,
     enable_activation_checkpointing,
     fused_ops_enabled,
+    kept_routing_reason,
     model_shape,
     model_type_of,
     peak_flops,
@@ -241,8 +242,16 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         if not cfg.train.recompute_attention:
             log.info("activation checkpointing keeps the attention outputs (train.recompute_attention=false)")
         elif not cfg.train.recompute_routing:
-            log.info("activation checkpointing keeps MoBA's routing (train.recompute_routing=false; MoBA layers on "
-                     "the triton backend, the GPU's default)")
+            head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+            why = kept_routing_reason(cfg.moba.backend, info.device, head_dim, moba_layer_ids, schedule, num_layers,
+                                      cfg.train.max_steps)
+            if why is None:
+                log.info("activation checkpointing keeps MoBA's routing (train.recompute_routing=false)")
+            else:
+                log.info("train.recompute_routing=false has no effect in this run: %s", why)
+    elif not (cfg.train.recompute_attention and cfg.train.recompute_routing):
+        log.info("train.recompute_attention / train.recompute_routing have no effect without "
+                 "train.activation_checkpointing (nothing is recomputed)")
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens, fused_loss=fused_ops)
     log.info("model ops: %s", ops_done)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

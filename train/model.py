@@ -439,6 +439,26 @@ def checkpointing_kwargs(recompute_attention: bool = True, recompute_routing: bo
     return kwargs
 
 
+def kept_routing_reason(backend: str, device: torch.device, head_dim: int, moba_layers: list[int], schedule,
+                        num_layers: int, max_steps: int) -> str | None:
+    """Why ``train.recompute_routing=false`` cannot keep anything in this run, or None when it does: MoBA's
+    routing is a separate op (``torch.ops.moba.route``) only on the ``triton`` backend (``backend`` as
+    configured, resolved for ``device``) at head dims up to ``MAX_HEAD_DIM``, and only in layers that run MoBA
+    at some step (``schedule``: a ``moba_core.schedule.Schedule``; every schedule switches a layer at most
+    once, so the first and last steps decide)."""
+    from moba_core.attention import resolve_backend
+    from moba_core.triton_backend import MAX_HEAD_DIM
+
+    if resolve_backend(backend, device) != "triton":
+        return f"moba.backend={backend} runs the flash backend on {device.type}, which routes inside its own call"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {MAX_HEAD_DIM} runs the flash backend"
+    if not any(schedule.moba_layers_at(s, max_steps, sorted(moba_layers), num_layers)
+               for s in {0, max(max_steps - 1, 0)}):
+        return f"no layer runs MoBA in this run (schedule={schedule.name}, moba layers {sorted(moba_layers)})"
+    return None
+
+
 def enable_activation_checkpointing(lm: nn.Module, recompute_attention: bool = True,
                                     recompute_routing: bool = True) -> None:
     """``train.activation_checkpointing``: every decoder layer of the HF model ``lm`` under non-reentrant

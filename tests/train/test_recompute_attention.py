@@ -100,3 +100,33 @@ def test_training_run_with_kept_attention(tmp_path, data_cache):
     assert "keeps the attention outputs (train.recompute_attention=false)" in proc.stdout + proc.stderr
     a, b = read_metrics(tmp_path / "recompute"), read_metrics(tmp_path / "kept")
     assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-6)
+
+
+def test_kept_routing_reason_names_why_nothing_is_kept():
+    """``train.recompute_routing=false`` keeps the routing only where ``torch.ops.moba.route`` runs: MoBA layers on
+    the triton backend at head dims up to 128, at some step of the schedule; otherwise the log says why not."""
+    from moba_core.schedule import Schedule
+    from train.model import kept_routing_reason
+
+    cpu, moba = torch.device("cpu"), Schedule("moba")
+    assert kept_routing_reason("triton", cpu, 64, [0, 1], moba, 2, 10) is None  # under the interpreter
+    assert "runs the flash backend on cpu" in kept_routing_reason("flash", cpu, 64, [0, 1], moba, 2, 10)
+    assert "head dim 256 > 128" in kept_routing_reason("triton", cpu, 256, [0, 1], moba, 2, 10)
+    assert "schedule=full" in kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full"), 2, 10)
+    assert kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full_then_moba"), 2, 10) is None
+    assert "no layer runs MoBA" in kept_routing_reason("triton", cpu, 64, [], moba, 2, 10)
+
+
+def test_training_log_says_when_the_kept_routing_has_no_effect(tmp_path, data_cache):
+    """A CPU run's default backend is ``flash`` (routing inside its call), and without checkpointing nothing is
+    recomputed: the log says the setting has no effect instead of claiming the routing is kept."""
+    from .conftest import run_train
+
+    proc = run_train(["train.activation_checkpointing=true", "train.recompute_routing=false", "train.max_steps=1"],
+                     tmp_path / "flash", data_cache)
+    out = proc.stdout + proc.stderr
+    assert "train.recompute_routing=false has no effect in this run: moba.backend=auto runs the flash backend" in out
+    assert "keeps MoBA's routing" not in out
+    proc = run_train(["train.activation_checkpointing=false", "train.recompute_routing=false", "train.max_steps=1"],
+                     tmp_path / "nockpt", data_cache)
+    assert "have no effect without train.activation_checkpointing" in proc.stdout + proc.stderr
