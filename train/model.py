@@ -449,13 +449,17 @@ def kept_routing_reason(backend: str, device: torch.device, head_dim: int, moba_
     from moba_core.attention import resolve_backend
     from moba_core.triton_backend import MAX_HEAD_DIM
 
-    if resolve_backend(backend, device) != "triton":
-        return f"moba.backend={backend} runs the flash backend on {device.type}, which routes inside its own call"
-    if head_dim > MAX_HEAD_DIM:
-        return f"head dim {head_dim} > {MAX_HEAD_DIM} runs the flash backend"
     if not any(schedule.moba_layers_at(s, max_steps, sorted(moba_layers), num_layers)
                for s in {0, max(max_steps - 1, 0)}):
         return f"no layer runs MoBA in this run (schedule={schedule.name}, moba layers {sorted(moba_layers)})"
+    try:
+        resolved = resolve_backend(backend, device)
+    except ValueError as e:  # triton on a CPU without the interpreter (the config check stops MoBA runs before)
+        return str(e)
+    if resolved != "triton":
+        return f"moba.backend={backend} runs the flash backend on {device.type}, which routes inside its own call"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {MAX_HEAD_DIM} runs the flash backend"
     return None
 
 

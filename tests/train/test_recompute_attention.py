@@ -115,6 +115,8 @@ def test_kept_routing_reason_names_why_nothing_is_kept():
     assert "schedule=full" in kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full"), 2, 10)
     assert kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full_then_moba"), 2, 10) is None
     assert "no layer runs MoBA" in kept_routing_reason("triton", cpu, 64, [], moba, 2, 10)
+    assert "schedule=full" in kept_routing_reason("bogus", cpu, 64, [0, 1], Schedule("full"), 2, 10)  # not reached
+    assert "must be one of" in kept_routing_reason("bogus", cpu, 64, [0, 1], moba, 2, 10)  # a reason, not a crash
 
 
 def test_training_log_says_when_the_kept_routing_has_no_effect(tmp_path, data_cache):
