@@ -52,16 +52,20 @@ def _gather_rows(entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, pid, T,
 
 
 @triton.jit
-def _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, smask, DOT_PREC: tl.constexpr):
+def _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, smask, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of an online softmax (flash-attention): scores of q [BLOCK_M, BLOCK_D] against kk
-    [BLOCK_N, BLOCK_D] (positions outside ``smask`` [BLOCK_M, BLOCK_N] excluded), base-2 running max ``m_i``,
-    sum ``l_i`` and fp32 accumulator ``acc`` [BLOCK_M, BLOCK_D] updated with vv [BLOCK_N, BLOCK_D]."""
+    [BLOCK_N, BLOCK_D] (with ``MASKED``, positions outside ``smask`` [BLOCK_M, BLOCK_N] excluded), base-2 running
+    max ``m_i`` (of the scaled scores), sum ``l_i`` and fp32 accumulator ``acc`` [BLOCK_M, BLOCK_D] updated with
+    vv [BLOCK_N, BLOCK_D]. The max is taken on the raw scores and scaled once per row (exact for
+    ``qk_scale > 0``), and ``s * qk_scale - m`` is one FMA inside ``exp2`` (the Triton fused-attention
+    tutorial's form): two fewer ALU operations per score than scaling every score first."""
     # [BLOCK_M, BLOCK_N]
-    s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC) * qk_scale
-    s = tl.where(smask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    s = tl.dot(q, tl.trans(kk), input_precision=DOT_PREC)
+    if MASKED:
+        s = tl.where(smask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=DOT_PREC)
     return m_new, l_i, acc
@@ -118,7 +122,8 @@ def _list_fwd_kernel(
                          mask=dmask[None, :], other=0.0)
             vv = tl.load(v_ptr + offs_n[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
                          mask=dmask[None, :], other=0.0)
-            m_i, l_i, acc = _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, me[:, None], DOT_PREC)
+            # selected blocks are full and rows past the list end have q = 0 (finite scores, not stored): no mask
+            m_i, l_i, acc = _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, me[:, None], DOT_PREC, False)
         l_safe = tl.where(me, l_i, 1.0)
         row = ((hq - HQ0) * T + t) * KSEL + slot
         tl.store(lpart_ptr + row, tl.where(me, m_i, 0.0) + tl.log2(l_safe), mask=me)
@@ -169,24 +174,26 @@ def _combine_fwd_kernel(
         vv = tl.load(v_ptr + kv_rows[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
                      mask=kmask[:, None] & dmask[None, :], other=0.0)
         causal = (offs_n[None, :] <= offs_m[:, None]) & kmask[None, :]
-        m_i, l_i, acc = _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, causal, DOT_PREC)
+        m_i, l_i, acc = _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, causal, DOT_PREC, True)
     # rows past the block end have m_i = -inf; keep them finite (they are not stored)
     m_i = tl.where(mrow, m_i, 0.0)
     l_i = tl.where(mrow, l_i, 1.0)
-    lse = m_i + tl.log2(l_i)
-    o = acc / l_i[:, None]
     if KSEL > 0:
-        # merge the KSEL partials (lse, o): running max in base 2, fp32
+        # merge the KSEL partials (lse, normalised o) into the diagonal's (m_i, l_i, acc): running max in base 2,
+        # fp32, one division at the end (a partial of LSE lp stands for 2^lp of softmax mass)
         for j in range(KSEL):
             row, ok = partial_row(sel_ptr, hq, hkv, t, mrow, T, HQ0, KSEL, j, GROUP)
             lp = tl.load(lpart_ptr + row, mask=ok, other=float("-inf"))
             op = tl.load(opart_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None] & dmask[None, :],
                          other=0.0).to(tl.float32)
-            mx = tl.maximum(lse, lp)
-            wa = tl.exp2(lse - mx)
+            mx = tl.maximum(m_i, lp)
+            wa = tl.exp2(m_i - mx)
             wb = tl.exp2(lp - mx)
-            o = (o * wa[:, None] + op * wb[:, None]) / (wa + wb)[:, None]
-            lse = mx + tl.log2(wa + wb)
+            acc = acc * wa[:, None] + op * wb[:, None]
+            l_i = l_i * wa + wb
+            m_i = mx
+    lse = m_i + tl.log2(l_i)
+    o = acc / l_i[:, None]
     tl.store(lse_ptr + hq * T + t, lse, mask=mrow)
     tl.store(o_ptr + t[:, None] * stride_ot + hq * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=mrow[:, None] & dmask[None, :])

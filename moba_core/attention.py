@@ -14,6 +14,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -53,6 +54,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _positive_finite(x) -> bool:
+    try:
+        return 0.0 < float(x) < math.inf
+    except (TypeError, ValueError):
+        return False
+
+
 def moba_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,7 +91,8 @@ def moba_attention(
         max_seqlen: the longest document, in tokens.
         block_size: keys per block, a positive multiple of 16.
         top_k: blocks per query including its current block (``top_k = 1``: current block only).
-        softmax_scale: scale of ``q . k`` inside the softmax.
+        softmax_scale: scale of ``q . k`` inside the softmax, a finite number > 0 (the Triton kernels take the
+            row max of the unscaled scores).
         group_routing: route once per KV group (mean of the group's scores), so every query head of
             a group attends the same blocks; default routes per query head as the paper does.
         backend: one of ``BACKENDS``.
@@ -100,6 +109,8 @@ def moba_attention(
         ValueError: naming the argument and the bad value (see ``check_moba_args`` and
             ``resolve_backend``).
     """
+    if softmax_scale is not None and not _positive_finite(softmax_scale):
+        raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite number > 0 (or None for 1/sqrt(D))")
     same_tokens = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens or (
         cu_seqlens_k.shape == cu_seqlens.shape and host_cu_seqlens(cu_seqlens_k) == host_cu_seqlens(cu_seqlens))
     if not same_tokens:

@@ -186,6 +186,10 @@ BAD = [
     pytest.param(dict(k=torch.randn(100, 3, 16)), "multiple of key/value heads", id="heads"),
     pytest.param(dict(max_seqlen=10), "max_seqlen=10", id="max-seqlen"),
     pytest.param(dict(backend="fast"), "backend='fast'", id="backend"),
+    pytest.param(dict(softmax_scale=0.0), "softmax_scale=0.0", id="scale0"),
+    pytest.param(dict(softmax_scale=-0.25), "softmax_scale=-0.25", id="scale-negative"),
+    pytest.param(dict(softmax_scale=float("nan")), "softmax_scale=nan", id="scale-nan"),
+    pytest.param(dict(softmax_scale=float("inf")), "softmax_scale=inf", id="scale-inf"),
 ]
 
 
