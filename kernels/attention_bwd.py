@@ -60,20 +60,23 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, block_start_ptr, block_len_ptr, spar
 
 @triton.jit
 def _bwd_tile(k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, dq_rows, rmask, qk_scale, sm_scale, offs_d, dmask,
-              causal_mask, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr):
+              causal_mask, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr, MASKED: tl.constexpr):
     """One (key tile, query tile) of the FlashAttention-2 backward: returns the dK (unscaled) and dV
     increments [BLOCK_N, BLOCK_D] and adds the tile's scaled dQ [BLOCK_M, BLOCK_D] into the fp32 rows
     ``dq_rows`` with one relaxed atomic add. Queries come as row pointers ([BLOCK_M] pointers to the first
     element of each q / dO row and to its LSE and delta). 5 matrix products per (query, key) pair; without
-    ``FUSED_DQ`` only dK and dV (4 products, ``dq_rows`` unused)."""
+    ``FUSED_DQ`` only dK and dV (4 products, ``dq_rows`` unused). Without ``MASKED`` ``causal_mask`` is not
+    applied: rows outside ``rmask`` load q = dO = LSE = delta = 0, so their P is 1 and their dS 0 and they add
+    nothing to dK / dV (a selected block's key tile is full)."""
     # [BLOCK_M, BLOCK_D]
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     do = tl.load(do_rows[:, None] + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     lse = tl.load(lse_ptrs, mask=rmask, other=0.0)
     delta = tl.load(delta_ptrs, mask=rmask, other=0.0)
     # [BLOCK_N, BLOCK_M]
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-    pt = tl.where(causal_mask, tl.exp2(st - lse[None, :]), 0.0)
+    pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse[None, :])
+    if MASKED:
+        pt = tl.where(causal_mask, pt, 0.0)
     dv = tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -167,7 +170,7 @@ def _dkdv_kernel(
                 ddk, ddv = _bwd_tile(k, v, q_ptr + t * stride_qt + hq * stride_qh,
                                      do_ptr + t * stride_dot + hq * stride_doh, lse_ptr + hq * T + t,
                                      delta_ptr + hq * T + t, dqacc_ptr + ((hq - HKV0 * G) * T + t) * D, rmask,
-                                     qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ)
+                                     qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ, True)
                 dk += ddk
                 dv += ddv
     # (b) the queries that selected this block (only full blocks can be selected), read in list order from
@@ -193,7 +196,7 @@ def _dkdv_kernel(
                             t = tl.load(tg_ptr + offs_e - E0, mask=rmask, other=0).to(tl.int64)
                         ddk, ddv = _bwd_tile(k, v, qg_ptr + rows * D, dog_ptr + rows * D, lg_ptr + rows,
                                              dg_ptr + rows, dqacc_ptr + ((hq - HKV0 * G) * T + t) * D, rmask,
-                                             qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ)
+                                             qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ, True)
                         dk += ddk
                         dv += ddv
     omask = nmask[:, None] & dmask[None, :]
@@ -205,16 +208,18 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, kv_rows, hkv, stride_kt, stride_kh, stride_vt, stride_vh,
-             qk_scale, offs_d, dmask, kmask, smask, DOT_PREC: tl.constexpr):
-    """Unscaled dQ increment [BLOCK_M, BLOCK_D] from one tile of keys."""
+             qk_scale, offs_d, dmask, kmask, smask, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """Unscaled dQ increment [BLOCK_M, BLOCK_D] from one tile of keys (``smask`` applied only with ``MASKED``:
+    rows that load q = dO = LSE = delta = 0 get dS = 0 without it)."""
     # [BLOCK_N, BLOCK_D]
     k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + hkv * stride_kh + offs_d[None, :],
                 mask=kmask[:, None] & dmask[None, :], other=0.0)
     v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
                 mask=kmask[:, None] & dmask[None, :], other=0.0)
     # [BLOCK_M, BLOCK_N]
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    p = tl.where(smask, tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(smask, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -257,7 +262,7 @@ def _list_dq_kernel(
             kmask = offs_n < BLOCK_SIZE
             dq += _dq_tile(q, do, lse, delta, k_ptr, v_ptr, (kstart + offs_n).to(tl.int64), hkv, stride_kt,
                            stride_kh, stride_vt, stride_vh, qk_scale, offs_d, dmask, kmask,
-                           me[:, None] & kmask[None, :], DOT_PREC)
+                           me[:, None] & kmask[None, :], DOT_PREC, False)
         row = ((hq - HQ0) * T + t) * KSEL + slot
         tl.store(dqpart_ptr + row[:, None] * D + offs_d[None, :], dq.to(dqpart_ptr.dtype.element_ty), mask=rmask)
 
@@ -299,7 +304,7 @@ def _diag_dq_kernel(
         kmask = offs_n < blen
         smask = (offs_n[None, :] <= offs_m[:, None]) & kmask[None, :] & me[:, None]
         dq += _dq_tile(q, do, lse, delta, k_ptr, v_ptr, (start + offs_n).to(tl.int64), hkv, stride_kt,
-                       stride_kh, stride_vt, stride_vh, qk_scale, offs_d, dmask, kmask, smask, DOT_PREC)
+                       stride_kh, stride_vt, stride_vh, qk_scale, offs_d, dmask, kmask, smask, DOT_PREC, True)
     if KSEL > 0:
         for j in range(KSEL):
             row, ok = partial_row(sel_ptr, hq, hkv, t, me, T, HQ0, KSEL, j, GROUP)
