@@ -206,6 +206,9 @@ class DataConfig:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 512 (byte pieces + specials)")
 
 
+ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate
@@ -216,8 +219,14 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    # torch AdamW's kernels: auto (fused on a GPU whose optimizer states stay on it, torch's default otherwise)
+    # | fused (one kernel per step) | foreach (multi-tensor ops) | for-loop (one parameter at a time)
+    implementation: str = "auto"
 
     def __post_init__(self):
+        if self.implementation not in ADAMW_IMPLEMENTATIONS:
+            raise ValueError(f"optim.implementation={self.implementation!r} must be one of "
+                             f"{', '.join(ADAMW_IMPLEMENTATIONS)}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         if self.warmup_steps < 0:

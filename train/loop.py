@@ -19,7 +19,7 @@ from moba_core.hf import apply_moba, set_moba_layers
 
 from . import checkpoint as ckpt
 from . import data_identity
-from .config import RunConfig
+from .config import ADAMW_IMPLEMENTATIONS, RunConfig
 from .distributed import DistInfo, device_type, init_distributed, world_from_env
 from .eval import tasks_during_training
 from .export import moba_record, set_plain_file_modes
@@ -49,6 +49,26 @@ from .rundir import check_same_run_dir, record_config
 from .sequence_parallel import init_sp_groups, shard_batch, sp_attention
 
 log = logging.getLogger(__name__)
+
+
+def adamw_options(implementation: str, device: torch.device, offload_optimizer: bool) -> dict:
+    """Keyword arguments of ``torch.optim.AdamW`` for ``optim.implementation``.
+
+    ``auto`` is ``fused`` on a CUDA device when the optimizer states stay on it (no
+    ``parallel.offload_optimizer``), and torch's default elsewhere: one kernel per step instead of a chain of
+    multi-tensor passes over the fp32 states (torchtitan's default too). The choice changes no result beyond
+    rounding and not the checkpoint format (``step`` moves to the parameters' device on load), so it may
+    differ between a run and its resume.
+
+    Raises:
+        ValueError: an implementation outside ``ADAMW_IMPLEMENTATIONS``.
+    """
+    if implementation == "auto":
+        return {"fused": True} if device.type == "cuda" and not offload_optimizer else {}
+    options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+    if implementation not in options:
+        raise ValueError(f"optim.implementation={implementation!r} must be one of {', '.join(ADAMW_IMPLEMENTATIONS)}")
+    return options[implementation]
 
 
 def deepspeed_config(cfg: RunConfig, info: DistInfo) -> dict:
@@ -257,10 +277,13 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     o = cfg.optim
+    adamw = adamw_options(o.implementation, info.device, cfg.parallel.offload_optimizer)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **adamw,
     )
+    log.info("optimizer: AdamW, optim.implementation=%s (%s)", o.implementation,
+             ", ".join(f"{k}={v}" for k, v in adamw.items()) or "torch's default")
     guard = NonFiniteGuard(optimizer, info.device)  # NaN / inf steps apply no update (train/guard.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(

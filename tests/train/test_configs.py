@@ -51,6 +51,8 @@ def test_slurm_launcher_composes():
         pytest.param("model.max_position_embeddings=0", "model.max_position_embeddings=0 must be >= 1", id="max-pos"),
         pytest.param("seed=-1", "seed=-1 must lie in", id="seed-neg"),
         pytest.param("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0", id="grad-clip"),
+        pytest.param("optim.implementation=apex", "optim.implementation='apex' must be one of auto, fused, foreach, "
+                     "for-loop", id="adamw-implementation"),
         pytest.param("+moba.blocksize=64", "moba.blocksize is not a setting (did you mean moba.block_size?)",
                      id="plus-typo"),
         pytest.param("+train.eval_batch=2", "train.eval_batch is not a setting (did you mean train.eval_batches?)",
