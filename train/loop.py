@@ -36,6 +36,7 @@ from .model import (
     enable_activation_checkpointing,
     fused_ops_enabled,
     kept_routing_reason,
+    model_head_dim,
     model_shape,
     model_type_of,
     peak_flops,
@@ -261,14 +262,6 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         enable_activation_checkpointing(lm, cfg.train.recompute_attention, cfg.train.recompute_routing)
         if not cfg.train.recompute_attention:
             log.info("activation checkpointing keeps the attention outputs (train.recompute_attention=false)")
-        elif not cfg.train.recompute_routing:
-            head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
-            why = kept_routing_reason(cfg.moba.backend, info.device, head_dim, moba_layer_ids, schedule, num_layers,
-                                      cfg.train.max_steps)
-            if why is None:
-                log.info("activation checkpointing keeps MoBA's routing (train.recompute_routing=false)")
-            else:
-                log.info("train.recompute_routing=false has no effect in this run: %s", why)
     elif not (cfg.train.recompute_attention and cfg.train.recompute_routing):
         log.info("train.recompute_attention / train.recompute_routing have no effect without "
                  "train.activation_checkpointing (nothing is recomputed)")
@@ -303,6 +296,14 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         drop_stale_export(run_dir / "hf", keep=[cfg.model.name_or_path, cfg.data.tokenizer])
     if info.is_main:  # config.json, config-history/, and the settings changed since the checkpoint
         record_config(run_dir, run_config, resume[0] / resume[1] if resume is not None else None)
+    if info.is_main and cfg.train.activation_checkpointing and cfg.train.recompute_attention \
+            and not cfg.train.recompute_routing:  # known once the launch's first step is (after a resume)
+        why = kept_routing_reason(cfg.moba.backend, info.device, model_head_dim(lm), moba_layer_ids, schedule,
+                                  num_layers, (step, cfg.train.max_steps))
+        if why is None:
+            log.info("activation checkpointing keeps MoBA's routing (train.recompute_routing=false)")
+        else:
+            log.info("train.recompute_routing=false has no effect in this launch: %s", why)
     start_step, eval_step, val = step, None, {}
     if info.is_main and 0 < cfg.train.profile_step <= step < cfg.train.max_steps:  # resumed past it
         log.warning("train.profile_step=%d lies before this launch's first step (%d): no step is profiled",
@@ -321,7 +322,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     n_nonembed = count_params(lm, exclude_embeddings=True)
     peak = peak_flops(info.device)
     hc = lm.config
-    q_dim = hc.num_attention_heads * getattr(hc, "head_dim", hc.hidden_size // hc.num_attention_heads)
+    q_dim = hc.num_attention_heads * model_head_dim(lm)
     train_iter = iter(train_loader)
     last = {}
 

@@ -439,19 +439,49 @@ def checkpointing_kwargs(recompute_attention: bool = True, recompute_routing: bo
     return kwargs
 
 
+def moba_layers_at_ends(schedule, layers: list[int], num_layers: int, steps: tuple[int, int]) -> list[list[int]]:
+    """The MoBA layers at the first and at the last optimizer step a launch trains.
+
+    Every schedule switches each layer at most once (``moba_core.schedule``), so what runs at these two steps
+    decides what runs at any step between them: a layer is MoBA at some step iff it is at either end, and full
+    at some step iff it is full at either end.
+
+    Args:
+        schedule: a ``moba_core.schedule.Schedule``; layers: the MoBA layers of the model; steps: (first 0-based
+            step of this launch, ``train.max_steps``); a resumed launch starts at its checkpoint's step.
+    Returns:
+        ``[layers at the first step, layers at the last step]``, or ``[]`` when no step is left.
+    """
+    first, max_steps = steps
+    if first >= max_steps:
+        return []
+    return [schedule.moba_layers_at(s, max_steps, sorted(layers), num_layers) for s in (first, max_steps - 1)]
+
+
+def model_head_dim(lm: nn.Module) -> int:
+    """Head dim of the HF model ``lm``'s attention: its attention modules' ``head_dim``, else the config's
+    ``head_dim`` when set (not None), else ``hidden_size // num_attention_heads``."""
+    from moba_core.hf import attention_modules
+
+    mods = attention_modules(lm)
+    hc = lm.config
+    return (getattr(mods[0], "head_dim", None) if mods else None) or getattr(hc, "head_dim", None) or (
+        hc.hidden_size // hc.num_attention_heads)
+
+
 def kept_routing_reason(backend: str, device: torch.device, head_dim: int, moba_layers: list[int], schedule,
-                        num_layers: int, max_steps: int) -> str | None:
-    """Why ``train.recompute_routing=false`` cannot keep anything in this run, or None when it does: MoBA's
+                        num_layers: int, steps: tuple[int, int]) -> str | None:
+    """Why ``train.recompute_routing=false`` cannot keep anything in this launch, or None when it does: MoBA's
     routing is a separate op (``torch.ops.moba.route``) only on the ``triton`` backend (``backend`` as
     configured, resolved for ``device``) at head dims up to ``MAX_HEAD_DIM``, and only in layers that run MoBA
-    at some step (``schedule``: a ``moba_core.schedule.Schedule``; every schedule switches a layer at most
-    once, so the first and last steps decide)."""
+    at some step this launch trains (``schedule``: a ``moba_core.schedule.Schedule``; ``steps``: (first step,
+    ``train.max_steps``), see ``moba_layers_at_ends``)."""
     from moba_core.attention import resolve_backend
     from moba_core.triton_backend import MAX_HEAD_DIM
 
-    if not any(schedule.moba_layers_at(s, max_steps, sorted(moba_layers), num_layers)
-               for s in {0, max(max_steps - 1, 0)}):
-        return f"no layer runs MoBA in this run (schedule={schedule.name}, moba layers {sorted(moba_layers)})"
+    if not any(moba_layers_at_ends(schedule, moba_layers, num_layers, steps)):
+        return (f"no layer runs MoBA in steps {steps[0] + 1}-{steps[1]} (schedule={schedule.name}, "
+                f"moba layers {sorted(moba_layers)})")
     try:
         resolved = resolve_backend(backend, device)
     except ValueError as e:  # triton on a CPU without the interpreter (the config check stops MoBA runs before)
@@ -577,10 +607,9 @@ def dense_attention_max_len(seq_len: int, layer_cfgs: dict, num_layers: int, sch
         return seq_len
     if steps is None:
         full_some_step = schedule.name != "moba"
-    else:  # every schedule switches each layer at most once, so a layer is full at some step iff at either end
+    else:
         layers = sorted(layer_cfgs)
-        full_some_step = any(schedule.moba_layers_at(s, steps[1], layers, num_layers) != layers
-                             for s in (steps[0], steps[1] - 1))
+        full_some_step = any(ends != layers for ends in moba_layers_at_ends(schedule, layers, num_layers, steps))
     if full_some_step:
         return seq_len
     return max((min(seq_len, dense_blocks_of(c.top_k) * c.block_size) for c in layer_cfgs.values()), default=0)
@@ -601,8 +630,7 @@ def warm_attention_plans(lm: nn.Module, max_len: int, sp_size: int, device: torc
     hc = lm.config
     mods = attention_modules(lm)  # wherever the architecture keeps them (not always lm.model.layers)
     attn = mods[0] if mods else None
-    head_dim = (getattr(attn, "head_dim", None) or getattr(hc, "head_dim", None)
-                or hc.hidden_size // hc.num_attention_heads)
+    head_dim = model_head_dim(lm)
     prims = varlen_primitives(device, dtype, head_dim)
     if not isinstance(prims, CudnnVarlen) or max_len < prims.min_seqlen:
         return [], 0.0

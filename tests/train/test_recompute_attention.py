@@ -108,15 +108,51 @@ def test_kept_routing_reason_names_why_nothing_is_kept():
     from moba_core.schedule import Schedule
     from train.model import kept_routing_reason
 
-    cpu, moba = torch.device("cpu"), Schedule("moba")
-    assert kept_routing_reason("triton", cpu, 64, [0, 1], moba, 2, 10) is None  # under the interpreter
-    assert "runs the flash backend on cpu" in kept_routing_reason("flash", cpu, 64, [0, 1], moba, 2, 10)
-    assert "head dim 256 > 128" in kept_routing_reason("triton", cpu, 256, [0, 1], moba, 2, 10)
-    assert "schedule=full" in kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full"), 2, 10)
-    assert kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full_then_moba"), 2, 10) is None
-    assert "no layer runs MoBA" in kept_routing_reason("triton", cpu, 64, [], moba, 2, 10)
-    assert "schedule=full" in kept_routing_reason("bogus", cpu, 64, [0, 1], Schedule("full"), 2, 10)  # not reached
-    assert "must be one of" in kept_routing_reason("bogus", cpu, 64, [0, 1], moba, 2, 10)  # a reason, not a crash
+    cpu, moba, steps = torch.device("cpu"), Schedule("moba"), (0, 10)
+    assert kept_routing_reason("triton", cpu, 64, [0, 1], moba, 2, steps) is None  # under the interpreter
+    assert "runs the flash backend on cpu" in kept_routing_reason("flash", cpu, 64, [0, 1], moba, 2, steps)
+    assert "head dim 256 > 128" in kept_routing_reason("triton", cpu, 256, [0, 1], moba, 2, steps)
+    assert "schedule=full" in kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full"), 2, steps)
+    assert kept_routing_reason("triton", cpu, 64, [0, 1], Schedule("full_then_moba"), 2, steps) is None
+    assert "no layer runs MoBA" in kept_routing_reason("triton", cpu, 64, [], moba, 2, steps)
+    assert "schedule=full" in kept_routing_reason("bogus", cpu, 64, [0, 1], Schedule("full"), 2, steps)  # not reached
+    assert "must be one of" in kept_routing_reason("bogus", cpu, 64, [0, 1], moba, 2, steps)  # a reason, not a crash
+    # a launch that resumes past the switch of moba_then_full (MoBA for the first 40% of 10 steps) runs no MoBA
+    # layer: only its own steps count
+    sparse_first = Schedule("moba_then_full", switch_fraction=0.4)
+    assert kept_routing_reason("triton", cpu, 64, [0, 1], sparse_first, 2, (0, 10)) is None
+    why = kept_routing_reason("triton", cpu, 64, [0, 1], sparse_first, 2, (5, 10))
+    assert "no layer runs MoBA in steps 6-10" in why
+
+
+def test_moba_layers_at_ends():
+    from moba_core.schedule import Schedule
+    from train.model import moba_layers_at_ends
+
+    half = Schedule("full_then_moba", switch_fraction=0.5)
+    assert moba_layers_at_ends(half, [2, 0, 1], 3, (0, 10)) == [[], [0, 1, 2]]
+    assert moba_layers_at_ends(half, [0, 1, 2], 3, (6, 10)) == [[0, 1, 2], [0, 1, 2]]  # resumed past the switch
+    assert moba_layers_at_ends(Schedule("moba"), [0, 1], 2, (10, 10)) == []  # no step left
+
+
+def test_model_head_dim_takes_the_attention_modules_then_a_set_config_value():
+    """A head dim that is not hidden_size / heads (Llama's head_dim setting) and a config whose head_dim is None:
+    the MFU counter used to multiply by None there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.model import model_head_dim
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32)
+    lm = LlamaForCausalLM(cfg)
+    assert model_head_dim(lm) == 32  # not 64 // 4
+    lm.config.head_dim = None
+    assert model_head_dim(lm) == 32  # the attention module's own
+    for layer in lm.model.layers:
+        del layer.self_attn.head_dim
+    assert model_head_dim(lm) == 16  # config None: hidden_size // heads
+    lm.config.head_dim = 32
+    assert model_head_dim(lm) == 32
 
 
 def test_training_log_says_when_the_kept_routing_has_no_effect(tmp_path, data_cache):
@@ -127,7 +163,7 @@ def test_training_log_says_when_the_kept_routing_has_no_effect(tmp_path, data_ca
     proc = run_train(["train.activation_checkpointing=true", "train.recompute_routing=false", "train.max_steps=1"],
                      tmp_path / "flash", data_cache)
     out = proc.stdout + proc.stderr
-    assert "train.recompute_routing=false has no effect in this run: moba.backend=auto runs the flash backend" in out
+    assert "train.recompute_routing=false has no effect in this launch: moba.backend=auto runs the flash backend" in out
     assert "keeps MoBA's routing" not in out
     proc = run_train(["train.activation_checkpointing=false", "train.recompute_routing=false", "train.max_steps=1"],
                      tmp_path / "nockpt", data_cache)
