@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -73,40 +74,50 @@ MAX_TIMED_MS = 3000.0  # a method stops adding runs once this much was timed (lo
 SETTLE_MS = 100.0  # untimed calls of a method before its timed runs: the clock settles to its own power draw
 
 
-def cuda_time(fn) -> float:
-    """Milliseconds of GPU time of one ``fn()`` between two CUDA events (synchronised)."""
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
+def cuda_times(fn, n: int) -> list[float]:
+    """Milliseconds of GPU time of each of ``n`` back-to-back calls of ``fn`` (CUDA events between the calls, one
+    synchronisation after the last). The host queues call i + 1 while the GPU runs call i, as in a training
+    loop, so a call's time is its GPU time unless the host cannot keep up (then the host's time per call shows):
+    the time to the first kernel of an idle GPU is left out (``triton.testing.do_bench`` times the same way)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    events[0].record()
+    for e in events[1:]:
+        fn()
+        e.record()
     torch.cuda.synchronize()
-    return a.elapsed_time(b)
+    return [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:])]
 
 
-def timed_many(fns: dict, reps: int, clock=cuda_time) -> dict:
+def timed_many(fns: dict, reps: int, clock=cuda_times) -> dict:
     """Median milliseconds of each callable of ``fns`` (name -> fn), each timed in its own steady state: two
     blocks per method, the methods in order and then in reverse (A B B A), so that a slow drift of the GPU
     during the measurement reaches every method alike. Each block starts with untimed warm-up calls of at
     least ``SETTLE_MS`` of that method's own work (at least one call): the H200 holds its 700 W cap under
     long full-attention calls by lowering its clock (1980 -> ~1450-1550 MHz, ``nvidia-smi dmon``), and a
     method timed right after another inherits that clock for a while (MoBA's 131072:512:8 forward measured
-    21.1 ms alone and 26.7 ms in rounds alternating one call of each method, session 9). A block times runs
-    until it has at least ``ceil(reps / 2)`` of them and at least ``MIN_TIMED_MS / 2`` of timed work (at most
-    500 runs), or ``MAX_TIMED_MS / 2`` timed. A method whose call raises leaves with the cell ``"OOM"`` (out of
-    memory) or ``"err"`` (traceback printed); the others go on. ``clock(fn) -> ms`` times one call (CUDA
-    events; tests pass another)."""
+    21.1 ms alone and 26.7 ms in rounds alternating one call of each method, session 9). A block then times
+    back-to-back calls until it has at least ``ceil(reps / 2)`` of them and at least ``MIN_TIMED_MS / 2`` of
+    timed work (at most 500 calls), or ``MAX_TIMED_MS / 2`` timed; the number of calls of each batch comes from
+    the last batch's median. A method whose call raises leaves with the cell ``"OOM"`` (out of memory) or
+    ``"err"`` (traceback printed); the others go on. ``clock(fn, n) -> [ms] * n`` times ``n`` back-to-back calls
+    (``cuda_times``; tests pass another)."""
     out, times = {}, {n: [] for n in fns}
 
     def block(name, fn):
-        t, settle = [], 0.0
+        t = []
         try:
-            for _ in range(500):
-                settle += clock(fn)
-                if settle >= SETTLE_MS:
-                    break
+            last = clock(fn, 1)  # the first call also gives the size of the next batches
+            settle = sum(last)
+            while settle < SETTLE_MS:
+                last = clock(fn, min(500, math.ceil((SETTLE_MS - settle) / max(statistics.median(last), 1e-3))))
+                settle += sum(last)
             while not (sum(t) >= MAX_TIMED_MS / 2
                        or (len(t) >= -(-reps // 2) and (sum(t) >= MIN_TIMED_MS / 2 or len(t) >= 500))):
-                t.append(clock(fn))
+                per_call = max(statistics.median(last), 1e-3)
+                n = max(-(-reps // 2) - len(t), math.ceil((MIN_TIMED_MS / 2 - sum(t)) / per_call), 1)
+                n = max(1, min(n, 500 - len(t), int((MAX_TIMED_MS / 2 - sum(t)) / per_call)))
+                last = clock(fn, n)
+                t += last
         except torch.OutOfMemoryError:
             out[name] = "OOM"
         except Exception:  # noqa: BLE001 - a failing cell must not stop the table
@@ -125,7 +136,7 @@ def timed_many(fns: dict, reps: int, clock=cuda_time) -> dict:
     return {n: out[n] for n in names}
 
 
-def timed(fn, reps: int, clock=cuda_time) -> float:
+def timed(fn, reps: int, clock=cuda_times) -> float:
     """Median milliseconds of one callable (``timed_many`` with one method).
 
     Raises:

@@ -17,9 +17,12 @@ def fake(durations, order, fail=None):
                 raise fail[name]
         fns[name] = fn
 
-    def clock(fn):
-        fn()
-        return durations[order[-1]]
+    def clock(fn, n):
+        out = []
+        for _ in range(n):
+            fn()
+            out.append(durations[order[-1]])
+        return out
 
     return fns, clock
 
@@ -50,9 +53,12 @@ def test_the_settling_clock_is_left_out_and_the_median_of_both_blocks_is_taken()
     # b: a slow first call (the inherited clock) then 40 ms calls; a: 1, 3, 2, 5 ms
     seq = {"a": iter([1.0, 3.0, 2.0, 5.0] * 1000), "b": iter([90.0, 40.0] + [40.0, 41.0] * 100)}
 
-    def clock(fn):
-        fn()
-        return next(seq[order[-1]])
+    def clock(fn, n):
+        out = []
+        for _ in range(n):
+            fn()
+            out.append(next(seq[order[-1]]))
+        return out
 
     ms = bk.timed_many(fns, 3, clock)
     # block 1: 90 + 40 settle, then 40 + 41 + 40 timed (>= MIN_TIMED_MS / 2); block 2: 41 + 40 + 41 settle, then
@@ -79,3 +85,17 @@ def test_a_failing_method_is_a_cell_and_the_others_go_on(error, cell):
     assert order.count("moba") == 1 and order.count("full") == 2 * (10 + 10)  # 2 blocks of 100 + 100 ms
     with pytest.raises(RuntimeError, match=cell):
         bk.timed(fns["moba"], 3, clock)
+
+
+def test_calls_are_timed_in_back_to_back_batches():
+    """The clock gets batches of calls (queued without a synchronisation between them), sized from the last
+    batch: one first call, the rest of SETTLE_MS, then MIN_TIMED_MS / 2 of timed calls, per block."""
+    order, batches = [], []
+    fns, clock = fake({"full": 2.0, "moba": 4.0}, order)
+
+    def batched(fn, n):
+        batches.append(n)
+        return clock(fn, n)
+
+    bk.timed_many(fns, 3, batched)
+    assert batches == [1, 49, 50, 1, 24, 25, 1, 24, 25, 1, 49, 50]
