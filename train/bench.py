@@ -324,6 +324,21 @@ def merge_json(path: Path, rows: list[dict]) -> list[dict]:
     return merged
 
 
+def shown_command(module: str, args: list[str]) -> str:
+    """The command line a benchmark table names: ``python -m <module>`` and ``args`` quoted as written, without
+    ``--output`` / ``--json`` and their values (where the results are written does not change them), so the
+    command reproduces the table into the checkout's own files."""
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--output", "--json"):
+            skip = True
+        elif not a.startswith(("--output=", "--json=")):
+            kept.append(a)
+    return f"python -m {module} {shlex.join(kept)}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     extra = raw[raw.index("--") + 1:] if "--" in raw else []
@@ -369,12 +384,12 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("WANDB_MODE", "disabled")
-    command = "python -m train.bench " + shlex.join(raw)  # quoted: runs as written ('' and spaces kept)
+    command = shown_command("train.bench", raw)
     results = []
     for p in points:
         results.append({**run_point(p, args, extra),
                         "gpu": gpu, "date": datetime.date.today().isoformat()})
-        text = table(results, command.strip(), gpu)  # rewritten after every point: a cut run keeps its rows
+        text = table(results, command, gpu)  # rewritten after every point: a cut run keeps its rows
         if args.output:
             replace_marked_section(Path(args.output), MARK_BEGIN, MARK_END, text, "## Training")
         if args.json:

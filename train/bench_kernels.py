@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import replace_marked_section
+from .bench import replace_marked_section, shown_command
 
 DEFAULT_POINTS = ["8192:4096:12", "8192:512:3", "32768:2048:3", "131072:4096:12", "131072:512:8",
                   "524288:4096:12", "1048576:4096:12", "2x32768:128:8", "2x65536:128:8", "2x131072:128:8"]
@@ -438,9 +438,9 @@ def write_section(args, argv, lines, rows):
     import triton
 
     gpu = torch.cuda.get_device_name()
-    cmd = "python -m train.bench_kernels " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = shown_command("train.bench_kernels", sys.argv[1:] if argv is None else list(argv))
     section = "\n".join([
-        f"## MoBA kernels: `{cmd.strip()}`",
+        f"## MoBA kernels: `{cmd}`",
         "",
         f"{datetime.date.today().isoformat()}, {gpu}, torch {torch.__version__}, Triton {triton.__version__}; "
         f"bf16, {H} heads, head dim {D}; points `[NSEQx]SEQ_LEN:BLOCK:TOP_K`.",

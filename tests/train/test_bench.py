@@ -201,7 +201,7 @@ def test_a_run_without_a_rate_is_a_failed_row(tmp_path, monkeypatch):
 
 def test_the_table_names_a_command_that_runs_as_written(tmp_path, monkeypatch):
     """The heading's command is quoted: joined with spaces, ``--json ''`` read ``--json`` (followed by the next
-    option) and a path with a space became two arguments."""
+    option) and a path with a space became two arguments; ``--output`` and ``--json`` are left out."""
     import shlex
 
     from train import bench
@@ -213,7 +213,18 @@ def test_the_table_names_a_command_that_runs_as_written(tmp_path, monkeypatch):
     argv = ["--points", "256:full", "--run-root", str(tmp_path / "a b"), "--output", str(md), "--json", ""]
     assert main(argv) == 0
     heading = next(line for line in md.read_text().splitlines() if line.startswith("Training benchmark"))
-    assert shlex.split(heading.split("`")[1]) == ["python", "-m", "train.bench", *argv]
+    # where the results go is left out: the command reproduces the table into the checkout's own files
+    assert shlex.split(heading.split("`")[1]) == ["python", "-m", "train.bench", "--points", "256:full",
+                                                  "--run-root", str(tmp_path / "a b")]
+
+
+def test_shown_command_drops_only_the_output_files():
+    from train.bench import shown_command
+
+    args = ["--points", "8192:512:3", "--output", "out/B.md", "--json=out/k.json", "--reps", "3", "--", "x=a b"]
+    assert shown_command("train.bench_kernels", args) == (
+        "python -m train.bench_kernels --points 8192:512:3 --reps 3 -- 'x=a b'")
+    assert shown_command("train.bench", []) == "python -m train.bench"
 
 
 def test_a_cpu_run_has_no_peak_memory():
