@@ -76,10 +76,12 @@ SETTLE_MS = 100.0  # untimed calls of a method before its timed runs: the clock 
 
 def cuda_times(fn, n: int) -> list[float]:
     """Milliseconds of GPU time of each of ``n`` back-to-back calls of ``fn`` (CUDA events between the calls, one
-    synchronisation after the last). The host queues call i + 1 while the GPU runs call i, as in a training
-    loop, so a call's time is its GPU time unless the host cannot keep up (then the host's time per call shows):
-    the time to the first kernel of an idle GPU is left out (``triton.testing.do_bench`` times the same way)."""
+    synchronisation after the last), after one untimed call. The host queues call i + 1 while the GPU runs
+    call i, as in a training loop, so a call's time is its GPU time unless the host cannot keep up (then the
+    host's time per call shows): the time to the first kernel of an idle GPU is left out
+    (``triton.testing.do_bench`` times the same way)."""
     events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    fn()  # untimed: the GPU is busy with it while the host queues the first timed call
     events[0].record()
     for e in events[1:]:
         fn()
@@ -92,7 +94,7 @@ def timed_many(fns: dict, reps: int, clock=cuda_times) -> dict:
     """Median milliseconds of each callable of ``fns`` (name -> fn), each timed in its own steady state: two
     blocks per method, the methods in order and then in reverse (A B B A), so that a slow drift of the GPU
     during the measurement reaches every method alike. Each block starts with untimed warm-up calls of at
-    least ``SETTLE_MS`` of that method's own work (at least one call): the H200 holds its 700 W cap under
+    least ``SETTLE_MS`` of that method's own work (at least one call, at most 500): the H200 holds its 700 W cap under
     long full-attention calls by lowering its clock (1980 -> ~1450-1550 MHz, ``nvidia-smi dmon``), and a
     method timed right after another inherits that clock for a while (MoBA's 131072:512:8 forward measured
     21.1 ms alone and 26.7 ms in rounds alternating one call of each method, session 9). A block then times
@@ -107,10 +109,10 @@ def timed_many(fns: dict, reps: int, clock=cuda_times) -> dict:
         t = []
         try:
             last = clock(fn, 1)  # the first call also gives the size of the next batches
-            settle = sum(last)
-            while settle < SETTLE_MS:
-                last = clock(fn, min(500, math.ceil((SETTLE_MS - settle) / max(statistics.median(last), 1e-3))))
-                settle += sum(last)
+            settle, calls = sum(last), 1
+            while settle < SETTLE_MS and calls < 500:
+                last = clock(fn, min(500 - calls, math.ceil((SETTLE_MS - settle) / max(statistics.median(last), 1e-3))))
+                settle, calls = settle + sum(last), calls + len(last)
             while not (sum(t) >= MAX_TIMED_MS / 2
                        or (len(t) >= -(-reps // 2) and (sum(t) >= MIN_TIMED_MS / 2 or len(t) >= 500))):
                 per_call = max(statistics.median(last), 1e-3)

@@ -125,6 +125,34 @@ def follow_schedule(scheduler, lr: float) -> None:
     scheduler._last_lr = lrs
 
 
+def follow_optim_settings(optimizer: torch.optim.Optimizer, o, adamw: dict) -> None:
+    """Put an AdamW ``optimizer`` just loaded from a checkpoint on this launch's ``optim`` settings: ``betas``,
+    ``eps``, the decay group's ``weight_decay`` (group 0; group 1 never decays) and the kernels of
+    ``adamw_options`` (``fused`` / ``foreach``). ``Optimizer.load_state_dict`` brings back the saved groups'
+    values, so without this a changed ``optim.implementation`` (or beta, eps, weight decay) was ignored on
+    resume. Each state's ``step`` moves where the kernels keep it (fp32 on the parameter's device for fused,
+    on the CPU otherwise), as torch does when it loads a state into such an optimizer."""
+    fused = bool(adamw.get("fused"))
+    for i, group in enumerate(optimizer.param_groups):
+        group.update(betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay if i == 0 else 0.0,
+                     fused=adamw.get("fused"), foreach=adamw.get("foreach"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
+
+
+def adamw_kernels(optimizer: torch.optim.Optimizer) -> str:
+    """The kernels the first param group of ``optimizer`` will run, for the log: fused, foreach, for-loop or
+    torch's default."""
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        return "fused=True"
+    if group.get("foreach") is not None:
+        return f"foreach={group['foreach']}"
+    return "torch's default"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -275,8 +303,6 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **adamw,
     )
-    log.info("optimizer: AdamW, optim.implementation=%s (%s)", o.implementation,
-             ", ".join(f"{k}={v}" for k, v in adamw.items()) or "torch's default")
     guard = NonFiniteGuard(optimizer, info.device)  # NaN / inf steps apply no update (train/guard.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
@@ -288,12 +314,15 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         state = ckpt.load(engine, resume[0], resume[1], info.rank)
         step, tokens = int(state["step"]), int(state["tokens"])
         follow_schedule(scheduler, cfg.optim.lr)  # a changed train.max_steps / optim.lr applies from this step
+        follow_optim_settings(optimizer, cfg.optim, adamw)  # and a changed optim.implementation, betas, eps, ...
         train_loader.sampler.load_state_dict(state["sampler"])
         if info.is_main:
             log.info("resumed from %s at step %d (%d tokens seen)", resume[0] / resume[1], step, tokens)
     elif info.is_main:
         log.info("starting from scratch (no checkpoint in %s)", ckpt_dir)
         drop_stale_export(run_dir / "hf", keep=[cfg.model.name_or_path, cfg.data.tokenizer])
+    if info.is_main:
+        log.info("optimizer: AdamW, optim.implementation=%s (%s)", cfg.optim.implementation, adamw_kernels(optimizer))
     if info.is_main:  # config.json, config-history/, and the settings changed since the checkpoint
         record_config(run_dir, run_config, resume[0] / resume[1] if resume is not None else None)
     if info.is_main and cfg.train.activation_checkpointing and cfg.train.recompute_attention \

@@ -99,3 +99,11 @@ def test_calls_are_timed_in_back_to_back_batches():
 
     bk.timed_many(fns, 3, batched)
     assert batches == [1, 49, 50, 1, 24, 25, 1, 24, 25, 1, 49, 50]
+
+
+def test_a_method_whose_calls_read_zero_ms_stops_settling_at_500_calls():
+    order = []
+    fns, clock = fake({"free": 0.0}, order)
+    assert bk.timed_many(fns, 3, clock) == {"free": 0.0}
+    # per block: 500 settling calls, then timed batches up to the 500-call cap
+    assert len(order) == 2 * (500 + 500)

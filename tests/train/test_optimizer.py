@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train.loop import adamw_options
+from train.loop import adamw_kernels, adamw_options, follow_optim_settings
 
 from .conftest import read_metrics, run_train
 
@@ -48,6 +48,50 @@ def test_fused_adamw_steps_like_the_for_loop_one():
     sa, sb = opts[0].state_dict()["state"], opts[1].state_dict()["state"]
     for i in sa:
         torch.testing.assert_close(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+
+
+def test_a_loaded_state_follows_this_launchs_settings():
+    """``Optimizer.load_state_dict`` restores the saved groups' flags and hyperparameters: a for-loop checkpoint
+    loaded into a fused AdamW stays for-loop (and keeps the old betas) until ``follow_optim_settings``; after it,
+    two more steps give what two more for-loop steps give, to fp32 rounding."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 32)
+
+    def model_and_opt(impl, betas=(0.9, 0.95)):
+        torch.manual_seed(1)
+        m = torch.nn.Linear(32, 16)
+        decay, no_decay = [m.weight], [m.bias]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=1e-2, betas=betas, **adamw_options(impl, torch.device("cpu"), False))
+        return m, opt
+
+    def steps(m, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+
+    straight, s_opt = model_and_opt("for-loop")
+    steps(straight, s_opt, 4)
+    first, f_opt = model_and_opt("for-loop")
+    steps(first, f_opt, 2)
+    resumed, r_opt = model_and_opt("fused", betas=(0.8, 0.9))
+    resumed.load_state_dict(first.state_dict())
+    r_opt.load_state_dict(f_opt.state_dict())
+    assert r_opt.param_groups[0]["fused"] is None and r_opt.param_groups[0]["foreach"] is False
+    assert r_opt.param_groups[0]["betas"] == (0.9, 0.95)  # the checkpoint's
+    o = SimpleNamespace(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    follow_optim_settings(r_opt, o, adamw_options("fused", torch.device("cpu"), False))
+    assert [g["fused"] for g in r_opt.param_groups] == [True, True] and adamw_kernels(r_opt) == "fused=True"
+    assert [g["weight_decay"] for g in r_opt.param_groups] == [0.1, 0.0]
+    steps(resumed, r_opt, 2)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    o.beta1 = 0.5  # a changed setting applies
+    follow_optim_settings(r_opt, o, adamw_options("for-loop", torch.device("cpu"), False))
+    assert r_opt.param_groups[1]["betas"] == (0.5, 0.95) and adamw_kernels(r_opt) == "foreach=False"
 
 
 def test_resume_with_another_implementation_continues_the_run(tmp_path, data_cache):
