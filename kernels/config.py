@@ -53,8 +53,10 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
             # fp32 operands split for "tf32x3" need 4x the shared memory of bf16 ones: the fused dK/dV kernel at
             # 32 x 64, 2 stages asked for 262 KB (H200 limit 227 KB); 32 x 32 tiles without pipelining fit all
             bm, bn, s = min(bm, 32), min(bn, 32), 1
-    if name != "route":  # BN keys of one block
-        bn = min(bn, block_size)
+    if name == "combine_fwd":  # query rows of one block: a tile taller than the block is masked rows (64 stays)
+        bm = min(bm, max(64, 1 << (block_size - 1).bit_length()))
+    if name != "route":  # BN keys of one block: a power of two (Triton's tiles) that divides the block
+        bn = 1 << (min(bn, block_size).bit_length() - 1)
         while block_size % bn:
             bn //= 2
         bn = max(bn, 16)

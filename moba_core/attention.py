@@ -14,7 +14,6 @@ Backends:
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -54,11 +53,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _positive_finite(x) -> bool:
+def _usable_scale(x) -> bool:
+    """A softmax scale the kernels can take: > 0, and it and ``x * log2(e)`` normal float32 numbers (the Triton
+    kernels compute in fp32, base 2)."""
+    f32 = torch.finfo(torch.float32)
     try:
-        return 0.0 < float(x) < math.inf
+        x = float(x)
     except (TypeError, ValueError):
         return False
+    return f32.tiny <= x <= f32.max and f32.tiny <= x * 1.4426950408889634 <= f32.max
 
 
 def moba_attention(
@@ -91,8 +94,9 @@ def moba_attention(
         max_seqlen: the longest document, in tokens.
         block_size: keys per block, a positive multiple of 16.
         top_k: blocks per query including its current block (``top_k = 1``: current block only).
-        softmax_scale: scale of ``q . k`` inside the softmax, a finite number > 0 (the Triton kernels take the
-            row max of the unscaled scores).
+        softmax_scale: scale of ``q . k`` inside the softmax, a finite number > 0 that float32 holds, times
+            log2(e) too (between 1.2e-38 and 2.3e38; the Triton kernels take the row max of the unscaled scores
+            and compute in fp32).
         group_routing: route once per KV group (mean of the group's scores), so every query head of
             a group attends the same blocks; default routes per query head as the paper does.
         backend: one of ``BACKENDS``.
@@ -109,8 +113,9 @@ def moba_attention(
         ValueError: naming the argument and the bad value (see ``check_moba_args`` and
             ``resolve_backend``).
     """
-    if softmax_scale is not None and not _positive_finite(softmax_scale):
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite number > 0 (or None for 1/sqrt(D))")
+    if softmax_scale is not None and not _usable_scale(softmax_scale):
+        raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite number > 0 that float32 holds (between "
+                         f"1.2e-38 and 2.3e38), or None for 1/sqrt(D)")
     same_tokens = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens or (
         cu_seqlens_k.shape == cu_seqlens.shape and host_cu_seqlens(cu_seqlens_k) == host_cu_seqlens(cu_seqlens))
     if not same_tokens:

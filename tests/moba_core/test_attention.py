@@ -190,6 +190,8 @@ BAD = [
     pytest.param(dict(softmax_scale=-0.25), "softmax_scale=-0.25", id="scale-negative"),
     pytest.param(dict(softmax_scale=float("nan")), "softmax_scale=nan", id="scale-nan"),
     pytest.param(dict(softmax_scale=float("inf")), "softmax_scale=inf", id="scale-inf"),
+    pytest.param(dict(softmax_scale=1e39), "that float32 holds", id="scale-above-fp32"),
+    pytest.param(dict(softmax_scale=1e-46), "softmax_scale=1e-46", id="scale-below-fp32"),
 ]
 
 
