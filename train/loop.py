@@ -58,8 +58,8 @@ def adamw_options(implementation: str, device: torch.device, offload_optimizer: 
     ``auto`` is ``fused`` on a CUDA device when the optimizer states stay on it (no
     ``parallel.offload_optimizer``), and torch's default elsewhere: one kernel per step instead of a chain of
     multi-tensor passes over the fp32 states (torchtitan's default too). The choice changes no result beyond
-    rounding and not the checkpoint format (``step`` moves to the parameters' device on load), so it may
-    differ between a run and its resume.
+    rounding and not the checkpoint format, so it may differ between a run and its resume
+    (``follow_optim_settings`` applies the resumed launch's choice).
 
     Raises:
         ValueError: an implementation outside ``ADAMW_IMPLEMENTATIONS``.
