@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# A/B of a kernel patch on the GPU: the committed kernels (HEAD) against HEAD with the patch applied, each timed by
+# launch/ab_kernels.py in its own process, old / new / new / old; prints the ratio table (new / old).
+#   bash launch/ab_patch.sh kernels/patches/list_fwd_pipelined.patch [ab_kernels.py options, e.g. --backward]
+set -euo pipefail
+patch_file=$(realpath "$1"); shift
+work=$(mktemp -d); out=${OUT:-$work}
+mkdir -p "$work/old" "$work/new"
+git archive HEAD moba_core kernels | tar x -C "$work/old"
+git archive HEAD moba_core kernels | tar x -C "$work/new"
+patch -s -p1 -d "$work/new" < "$patch_file"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+i=0
+for tag in old new new old; do
+  i=$((i + 1))
+  python launch/ab_kernels.py "$work/$tag" --tag "$tag" --out "$out/ab_${i}_$tag.json" "$@" > "$out/ab_${i}.log" 2>&1 \
+    || { tail -n 20 "$out/ab_${i}.log"; exit 1; }
+done
+python launch/ab_kernels.py --table "$out/ab_1_old.json" "$out/ab_4_old.json" "$out/ab_2_new.json" "$out/ab_3_new.json"
