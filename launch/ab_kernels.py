@@ -122,10 +122,19 @@ def main(argv=None):
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print the comparison of earlier runs and exit")
     args = ap.parse_args(argv)
     if args.table:
+        missing = [p for p in args.table if not os.path.isfile(p)]
+        if missing:
+            ap.error(f"--table: no file {missing[0]}")
         print(table(args.table))
         return 0
     if not args.root:
         ap.error("give ROOT (a checkout) or --table JSON...")
+    if not os.path.isdir(os.path.join(args.root, "kernels")):
+        ap.error(f"ROOT {args.root!r} holds no kernels/ directory")
+    import torch
+
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device (it times the Triton kernels)")
     rows = run(args.root, args.tag, args.shapes, args.points, args.reps, args.backward)
     if args.out:
         json.dump(rows, open(args.out, "w"), indent=1)

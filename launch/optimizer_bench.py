@@ -45,6 +45,14 @@ def main(argv=None) -> int:
     ap.add_argument("--implementations", default="foreach,fused")
     ap.add_argument("--zero-stages", default="", help="also DeepSpeed's bf16 engine.step() at these stages, e.g. 0,1")
     args = ap.parse_args(argv)
+    from train.config import ADAMW_IMPLEMENTATIONS
+
+    bad = [i for i in args.implementations.split(",") if i not in ADAMW_IMPLEMENTATIONS]
+    if bad:
+        ap.error(f"--implementations {args.implementations!r}: {bad[0]!r} is not one of "
+                 f"{', '.join(ADAMW_IMPLEMENTATIONS)}")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device (it times GPU optimizer steps)")
     dev = torch.device("cuda")
     shapes = parameter_shapes(args.model, args.vocab_size)
     print(f"{args.model}: {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M parameters in {len(shapes)} tensors")

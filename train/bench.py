@@ -382,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    if not torch.cuda.is_available() and args.model != "tiny":
+        print(f"error: python -m train.bench --model {args.model} needs a CUDA device (its default points train a "
+              "1B model at 32K-1M tokens); on a CPU try --model tiny --steps 3 "
+              "--points 256:full@nockpt,256:32:2@nockpt --output '' --json ''", file=sys.stderr)
+        return 2
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("WANDB_MODE", "disabled")
     command = shown_command("train.bench", raw)

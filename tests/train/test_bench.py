@@ -4,6 +4,7 @@ reruns into the same run root, failures recorded as rows."""
 import json
 
 import pytest
+import torch
 
 from train.bench import (
     MARK_BEGIN,
@@ -210,12 +211,23 @@ def test_the_table_names_a_command_that_runs_as_written(tmp_path, monkeypatch):
         **p, "packing": args.packing, "ok": True, "error": None, "tokens_per_s": 10.0, "step_s": 1.0, "mfu": None,
         "peak_gib": None, "losses": [5.0]})
     md = tmp_path / "B.md"
-    argv = ["--points", "256:full", "--run-root", str(tmp_path / "a b"), "--output", str(md), "--json", ""]
+    argv = ["--points", "256:full", "--model", "tiny", "--run-root", str(tmp_path / "a b"), "--output", str(md),
+            "--json", ""]
     assert main(argv) == 0
     heading = next(line for line in md.read_text().splitlines() if line.startswith("Training benchmark"))
     # where the results go is left out: the command reproduces the table into the checkout's own files
     assert shlex.split(heading.split("`")[1]) == ["python", "-m", "train.bench", "--points", "256:full",
-                                                  "--run-root", str(tmp_path / "a b")]
+                                                  "--model", "tiny", "--run-root", str(tmp_path / "a b")]
+
+
+def test_the_1b_benchmark_on_a_cpu_stops_with_the_cpu_trial_command(tmp_path, capsys):
+    """``make bench-train`` on a CPU used to start the 1B model at 128K tokens (hundreds of GiB)."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert main(["--run-root", str(tmp_path), "--output", "", "--json", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--model llama_1b needs a CUDA device" in err and "--model tiny" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_shown_command_drops_only_the_output_files():
