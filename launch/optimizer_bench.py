@@ -3,10 +3,11 @@ master copy DeepSpeed's bf16 optimizer steps), with gradient clipping:
 
     python launch/optimizer_bench.py [--model llama_1b] [--steps 10] [--zero-stages 0,1]
 
-Prints the median ms of ``clip_grad_norm_`` + ``step()`` per implementation (timed in A B B A blocks, after
-warm-up steps) and the parameter count. ``--zero-stages`` also times ``engine.step()`` of DeepSpeed's bf16
-engine at those ZeRO stages (one process, one GPU; the wrapper DeepSpeed picks is printed: at stage 0 it
-keeps per-parameter fp32 copies, at stage 1 flat buffers), as ``python -m train`` configures it.
+Prints the median ms of ``clip_grad_norm_`` + ``step()`` per implementation (``train.bench_kernels.timed_many``:
+A B B A blocks of back-to-back steps, each after warm-up steps; ``--steps`` is its ``reps``) and the parameter
+count. ``--zero-stages`` also times ``engine.step()`` of DeepSpeed's bf16 engine at those ZeRO stages (one
+process, one GPU; the wrapper DeepSpeed picks is printed: at stage 0 it keeps per-parameter fp32 copies, at
+stage 1 flat buffers), as ``python -m train`` configures it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.loop import adamw_options  # noqa: E402
+from train.bench_kernels import timed_many  # noqa: E402
+from train.loop import adamw_options, adamw_param_groups  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,10 +65,8 @@ def main(argv=None) -> int:
         params = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.02) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=1e-4, betas=(0.9, 0.95), eps=1e-8, **adamw_options(impl, dev, False))
+        opt = torch.optim.AdamW(adamw_param_groups(params, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                                **adamw_options(impl, dev, False))
         setups[impl] = (params, opt)
 
     def step(impl):
@@ -74,20 +74,9 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    times = {impl: [] for impl in impls}
-    for impl in impls + impls[::-1]:  # A B B A
-        for _ in range(3):
-            step(impl)
-        for _ in range(args.steps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step(impl)
-            b.record()
-            torch.cuda.synchronize()
-            times[impl].append(a.elapsed_time(b))
-    base = statistics.median(times[impls[0]])
+    ms = timed_many({impl: (lambda impl=impl: step(impl)) for impl in impls}, args.steps)  # A B B A blocks
     for impl in impls:
-        med = statistics.median(times[impl])
+        med, base = ms[impl], ms[impls[0]]
         print(f"optim.implementation={impl:9s} clip + step {med:8.2f} ms  ({med / base:.2f}x {impls[0]})")
     setups.clear()
     torch.cuda.empty_cache()
@@ -121,10 +110,7 @@ def engine_step_ms(shapes: list[tuple[int, ...]], implementation: str, stage: in
             return sum((p.float() * 1e-3).sum() for p in self.ps)
 
     model = Params().cuda()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+    opt = torch.optim.AdamW(adamw_param_groups(model.parameters(), 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
                             **adamw_options(implementation, torch.device("cuda"), False))
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
           "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True,

@@ -14,6 +14,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -61,7 +62,7 @@ def _usable_scale(x) -> bool:
         x = float(x)
     except (TypeError, ValueError):
         return False
-    return f32.tiny <= x <= f32.max and f32.tiny <= x * 1.4426950408889634 <= f32.max
+    return f32.tiny <= x <= f32.max and f32.tiny <= x * math.log2(math.e) <= f32.max
 
 
 def moba_attention(

@@ -125,6 +125,14 @@ def follow_schedule(scheduler, lr: float) -> None:
     scheduler._last_lr = lrs
 
 
+def adamw_param_groups(params, weight_decay: float) -> list[dict]:
+    """AdamW's two parameter groups: matrices (dim >= 2) decay by ``optim.weight_decay``, vectors (norms, biases)
+    never (group 1; ``follow_optim_settings`` relies on this order)."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def follow_optim_settings(optimizer: torch.optim.Optimizer, o, adamw: dict) -> None:
     """Put an AdamW ``optimizer`` just loaded from a checkpoint on this launch's ``optim`` settings: ``betas``,
     ``eps``, the decay group's ``weight_decay`` (group 0; group 1 never decays) and the kernels of
@@ -295,14 +303,10 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                  "train.activation_checkpointing (nothing is recomputed)")
     model = PackedCausalLM(lm, cfg.train.loss_chunk_tokens, fused_loss=fused_ops)
     log.info("model ops: %s", ops_done)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     o = cfg.optim
     adamw = adamw_options(o.implementation, info.device, cfg.parallel.offload_optimizer)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **adamw,
-    )
+    optimizer = torch.optim.AdamW(adamw_param_groups(model.parameters(), o.weight_decay), lr=o.lr,
+                                  betas=(o.beta1, o.beta2), eps=o.eps, **adamw)
     guard = NonFiniteGuard(optimizer, info.device)  # NaN / inf steps apply no update (train/guard.py)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
