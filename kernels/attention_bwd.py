@@ -196,7 +196,7 @@ def _dkdv_kernel(
                             t = tl.load(tg_ptr + offs_e - E0, mask=rmask, other=0).to(tl.int64)
                         ddk, ddv = _bwd_tile(k, v, qg_ptr + rows * D, dog_ptr + rows * D, lg_ptr + rows,
                                              dg_ptr + rows, dqacc_ptr + ((hq - HKV0 * G) * T + t) * D, rmask,
-                                             qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ, True)
+                                             qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ, False)
                         dk += ddk
                         dv += ddv
     omask = nmask[:, None] & dmask[None, :]
