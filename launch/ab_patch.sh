@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of a kernel patch on the GPU: the committed kernels (HEAD) against HEAD with the patch applied, each timed by
 # launch/ab_kernels.py in its own process, old / new / new / old; prints the ratio table (new / old).
-#   bash launch/ab_patch.sh kernels/patches/list_fwd_pipelined.patch [ab_kernels.py options, e.g. --backward]
+#   bash launch/ab_patch.sh PATCH [ab_kernels.py options, e.g. --backward --reps 3]   (PATCH: a git diff of kernels/ or moba_core/)
 set -euo pipefail
 patch_file=$(realpath "$1"); shift
 work=$(mktemp -d); out=${OUT:-$work}
