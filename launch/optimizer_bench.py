@@ -22,6 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.bench_kernels import timed_many  # noqa: E402
+from train.distributed import shutdown_distributed  # noqa: E402
 from train.loop import adamw_options, adamw_param_groups  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -133,4 +134,7 @@ def engine_step_ms(shapes: list[tuple[int, ...]], implementation: str, stage: in
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        shutdown_distributed()

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig, check_known_keys, from_checkpoint_unless_overridden, register_configs
-from .distributed import quiet_deepspeed
+from .distributed import quiet_deepspeed, shutdown_distributed
 from .preemption import exit_status
 from .rundir import claim_run_dir, register_resolvers
 from .sweep import register_resolvers as register_sweep_resolvers
@@ -76,4 +76,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # after every job of a sweep; also when Hydra exits with a job's error
+        shutdown_distributed()

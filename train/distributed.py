@@ -121,6 +121,16 @@ def _unlink_cpu_allreduce_buffer(rank: int) -> None:
         os.unlink(os.path.join(SHM_DIR, name))
 
 
+def shutdown_distributed() -> None:
+    """Destroy the default process group, if one was started, once a launch's last job is done (the jobs of a
+    Hydra multirun share one process and one group). Left to the interpreter's exit, the backend's threads
+    (gloo's, NCCL's) are torn down in no fixed order: a rank could abort with "terminate called without an
+    active exception" after its work was saved, and NCCL warns that ``destroy_process_group()`` was not called.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def init_distributed(requested_device: str, sp_size: int) -> DistInfo:
     """Start torch.distributed (gloo on CPU, nccl on GPU) through DeepSpeed; works without a launcher.
 

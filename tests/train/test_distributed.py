@@ -28,3 +28,32 @@ def test_two_process_deepspeed_step_matches_one_process(tmp_path, data_cache):
     assert m2[0]["tokens"] == m1[0]["tokens"] == 2 * 256
     assert [m["step"] for m in m2] == [1, 2]
     assert (two / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def test_shutdown_distributed_destroys_the_group_and_allows_a_new_one():
+    """``shutdown_distributed`` (called when ``python -m train`` ends) destroys the group ``init_distributed``
+    started; a second call is a no-op, and a later ``init_distributed`` starts a working group again."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, torch.distributed as dist
+from train.distributed import init_distributed, shutdown_distributed
+init_distributed("cpu", 1)
+assert dist.is_initialized() and dist.get_world_size() == 1
+shutdown_distributed()
+assert not dist.is_initialized()
+shutdown_distributed()
+init_distributed("cpu", 1)
+t = torch.ones(3)
+dist.all_reduce(t)
+assert t.tolist() == [1.0, 1.0, 1.0]
+shutdown_distributed()
+assert not dist.is_initialized()
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
