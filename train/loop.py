@@ -125,6 +125,23 @@ def follow_schedule(scheduler, lr: float) -> None:
     scheduler._last_lr = lrs
 
 
+def bf16_grad_accum_warning(device: torch.device, grad_accum: int, zero_stage: int) -> str | None:
+    """The warning for a step whose micro-batch gradients DeepSpeed sums in bf16, or None.
+
+    With bf16 (every GPU run here) and ``train.grad_accum`` > 1, DeepSpeed 0.19 accumulates the micro-batches'
+    gradients in the parameters' dtype: ``param.grad`` at ZeRO 0 (its DDP_BFLOAT16 path), bf16 gradient
+    buffers at ZeRO 1-3 (also the CPU buffers of optimizer offload at ZeRO 1-2), so every partial sum is
+    rounded to bf16's 8-bit mantissa (relative error up to ~2^-9 per addition). Its fp32 accumulation
+    (``data_types.grad_accum_dtype``) exists only at ZeRO 1 without offload, through another optimizer wrapper
+    with another checkpoint layout, and is not used here. On a CPU the run is fp32 throughout.
+    """
+    if device.type != "cuda" or grad_accum <= 1:
+        return None
+    return (f"train.grad_accum={grad_accum} with bf16: DeepSpeed sums the micro-batches' gradients in bf16 at "
+            f"ZeRO stage {zero_stage} (each partial sum rounded to 8 mantissa bits); a larger "
+            f"train.micro_batch_size with a smaller train.grad_accum needs fewer of these roundings")
+
+
 def adamw_param_groups(params, weight_decay: float) -> list[dict]:
     """AdamW's two parameter groups: matrices (dim >= 2) decay by ``optim.weight_decay``, vectors (norms, biases)
     never (group 1; ``follow_optim_settings`` relies on this order)."""
@@ -327,6 +344,9 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         drop_stale_export(run_dir / "hf", keep=[cfg.model.name_or_path, cfg.data.tokenizer])
     if info.is_main:
         log.info("optimizer: AdamW, optim.implementation=%s (%s)", cfg.optim.implementation, adamw_kernels(optimizer))
+        accum = bf16_grad_accum_warning(info.device, cfg.train.grad_accum, cfg.parallel.zero_stage)
+        if accum:
+            log.warning(accum)
     if info.is_main:  # config.json, config-history/, and the settings changed since the checkpoint
         record_config(run_dir, run_config, resume[0] / resume[1] if resume is not None else None)
     if info.is_main and cfg.train.activation_checkpointing and cfg.train.recompute_attention \

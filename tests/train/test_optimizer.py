@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train.loop import adamw_kernels, adamw_options, follow_optim_settings
+from train.loop import adamw_kernels, adamw_options, bf16_grad_accum_warning, follow_optim_settings
 
 from .conftest import read_metrics, run_train
 
@@ -111,3 +111,13 @@ def test_resume_with_another_implementation_continues_the_run(tmp_path, data_cac
     for ma, mb in zip(a, b):
         assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-6)
     assert a[3]["loss"] != pytest.approx(a[1]["loss"], rel=1e-3)  # the steps after the resume trained
+
+
+def test_bf16_grad_accum_warning_names_the_settings_only_where_bf16_sums_happen():
+    """A GPU run (bf16) with several micro-batches per step gets the warning, naming train.grad_accum and the ZeRO
+    stage; one micro-batch per step, or a CPU run (fp32), gets none."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    msg = bf16_grad_accum_warning(cuda, 4, 2)
+    assert "train.grad_accum=4" in msg and "ZeRO stage 2" in msg and "bf16" in msg
+    assert bf16_grad_accum_warning(cuda, 1, 0) is None
+    assert bf16_grad_accum_warning(cpu, 8, 0) is None
