@@ -113,10 +113,15 @@ def identity(path: str | None, tokenizer, run_dir: Path) -> dict:
             "tokenizer_copy": str((Path(run_dir) / TOKENIZER_DIR).resolve())}
 
 
-def store_tokenizer(tokenizer, run_dir: Path) -> None:
+def store_tokenizer(tokenizer, run_dir: Path, saved: dict | None = None) -> None:
     """Write the run's tokenizer into ``<run dir>/tokenizer/`` (rank 0), replacing what a run killed
-    before its first checkpoint may have left there; the new copy appears only once complete."""
+    before its first checkpoint may have left there; the new copy appears only once complete. A launch that
+    resumes this run's own checkpoint (``saved``, its ``data_identity``) with the same tokenizer keeps the copy
+    already there (it was written whole at the run's start)."""
     out = Path(run_dir) / TOKENIZER_DIR
+    if (saved and saved.get("tokenizer") == tokenizer.fingerprint and out.is_dir()
+            and saved.get("tokenizer_copy") == str(out.resolve())):
+        return
     tmp = out.with_name(f".{TOKENIZER_DIR}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)

@@ -292,7 +292,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     data_identity.check_tokenizer_unchanged(saved_data, tokenizer, tokenizer_spec)  # on every rank
     run_config["data_identity"] = data_identity.identity(d.path, tokenizer, run_dir)
     if info.is_main:
-        data_identity.store_tokenizer(tokenizer, run_dir)
+        data_identity.store_tokenizer(tokenizer, run_dir, saved_data)
     train_loader = build_dataloader(train_ds, cfg.train.micro_batch_size, seed=cfg.seed,
                                     dp_rank=info.dp_rank, dp_size=info.dp_size)
     val_loader = build_dataloader(val_ds, cfg.train.micro_batch_size, seed=cfg.seed, dp_rank=info.dp_rank,

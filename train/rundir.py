@@ -343,12 +343,16 @@ def flatten(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
+# Records of where a run keeps things, not settings: they differ whenever a run resumes another run's checkpoint.
+NOT_SETTINGS = frozenset({"data_identity.tokenizer_copy"})
+
+
 def changed_settings(before: dict, after: dict) -> list[str]:
     """Every setting whose value differs between two configs, as ``"key old -> new"`` (``(unset)`` for a
-    key only one of them has)."""
+    key only one of them has); the records of ``NOT_SETTINGS`` are left out."""
     a, b = flatten(before), flatten(after)
     return [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
-            if k not in a or k not in b or a[k] != b[k]]
+            if k not in NOT_SETTINGS and (k not in a or k not in b or a[k] != b[k])]
 
 
 def record_config(run_dir: Path, run_config: dict, resumed_from: Path | None = None) -> Path:

@@ -219,3 +219,39 @@ def test_resuming_with_other_documents_is_refused_naming_data_documents(tmp_path
     with pytest.raises(ValueError, match=r"data.documents='module' there, 'package' now"):
         ckpt.check_resume_compatible(tmp_path, tag.name, {"data": {"path": "/corpus", "documents": "package"},
                                                           "world_size": 1})
+
+
+def test_changed_settings_leave_out_where_the_tokenizer_copy_lives():
+    """Resuming another run's checkpoint changes only the path of its tokenizer copy (a record, not a setting):
+    not listed; a changed tokenizer fingerprint still is."""
+    a = {"data_identity": {"tokenizer": "abc", "tokenizer_copy": "/runs/a/tokenizer"}, "moba": {"top_k": 3}}
+    b = {"data_identity": {"tokenizer": "abc", "tokenizer_copy": "/runs/b/tokenizer"}, "moba": {"top_k": 3}}
+    assert rundir.changed_settings(a, b) == []
+    c = {"data_identity": {"tokenizer": "xyz", "tokenizer_copy": "/runs/b/tokenizer"}, "moba": {"top_k": 2}}
+    assert rundir.changed_settings(a, c) == ["data_identity.tokenizer abc -> xyz", "moba.top_k 3 -> 2"]
+
+
+def test_store_tokenizer_keeps_the_copy_of_the_run_it_resumes(tmp_path):
+    """The first launch writes the tokenizer; a launch resuming this run with the same tokenizer leaves the copy
+    as it is; another tokenizer fingerprint (or another run's record) writes it again."""
+    from train.data_identity import TOKENIZER_DIR, store_tokenizer
+
+    class Tok:
+        name, saves = "fake", 0
+
+        def __init__(self, fingerprint):
+            self.fingerprint = fingerprint
+
+        def save(self, path):
+            Tok.saves += 1
+            os.makedirs(path)
+            (path / "vocab.txt").write_text(self.fingerprint)
+
+    out = tmp_path / TOKENIZER_DIR
+    store_tokenizer(Tok("f1"), tmp_path)
+    saved = {"tokenizer": "f1", "tokenizer_copy": str(out.resolve())}
+    store_tokenizer(Tok("f1"), tmp_path, saved)
+    assert Tok.saves == 1 and (out / "vocab.txt").read_text() == "f1"
+    store_tokenizer(Tok("f1"), tmp_path, {**saved, "tokenizer_copy": "/elsewhere/tokenizer"})
+    store_tokenizer(Tok("f2"), tmp_path, saved)
+    assert Tok.saves == 3 and (out / "vocab.txt").read_text() == "f2"
