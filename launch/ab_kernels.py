@@ -7,11 +7,11 @@
 
 ROOT goes first on ``sys.path``, so ``moba_core`` and ``kernels`` come from it (the timing helpers from this
 checkout). Per shape (``--shapes HQ:HKV:D``) and point (``T:block:top_k``) it times, bf16: the no-grad forward
-(``fwd``, routing included), the routing alone (``route``), the list kernel alone (``list``) and the combine
-kernel alone (``combine``), the other kernel of the forward replaced by a no-op (``launch/tune_kernels.py``'s
-method); with ``--backward`` also the backward given the forward (``bwd``) and its dK/dV and list dQ kernels
-alone (``dkdv``, ``list_dq``; the gather and delta kernels run in both). Run the two copies in A B B A order in
-one session: the H200's clock follows its power draw.
+(``fwd``, routing included), the routing alone (``route``), its scores + top-k kernel alone (``topk``), the
+list kernel alone (``list``) and the combine kernel alone (``combine``), the other kernel of the forward replaced
+by a no-op (``launch/tune_kernels.py``'s method); with ``--backward`` also the backward given the forward
+(``bwd``) and its dK/dV and list dQ kernels alone (``dkdv``, ``list_dq``; the gather and delta kernels run in
+both). Run the two copies in A B B A order in one session: the H200's clock follows its power draw.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def time_point(HQ: int, HKV: int, D: int, point: str, reps: int, backward: bool)
 
     import kernels.attention_bwd as bwd
     import kernels.attention_fwd as fwd
+    import kernels.routing as routing
     from moba_core import triton_backend as tb
     from train.bench_kernels import parse_point, timed
 
@@ -43,6 +44,8 @@ def time_point(HQ: int, HKV: int, D: int, point: str, reps: int, backward: bool)
         o, lse, layout, sel, lists, dense_blocks, budget, _ = tb._moba_forward(q, k, v, lens, bs, top_k, scale, False)
         res = {"fwd": timed(lambda: tb._moba_forward(q, k, v, lens, bs, top_k, scale, False), reps),
                "route": timed(lambda: tb.moba_routing(q, k, lens, bs, top_k, False, top_k), reps)}
+        means = routing.block_means(k, layout)
+        res["topk"] = timed(lambda: routing.route_topk(q, means, layout, top_k, bs, False), reps)
         for name, kname in (("list", "list_fwd"), ("combine", "combine_fwd")):
             saved = only(kname)
             try:

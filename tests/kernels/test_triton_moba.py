@@ -174,6 +174,25 @@ def test_routing_selection_matches_definition():
         assert got_count > 0
 
 
+def test_routing_ties_pick_the_earliest_blocks():
+    """Equal scores (identical keys: every block mean equal, exact under the interpreter) select the lowest block
+    indices, whichever chunk of candidates they fall in; -0.0 and +0.0 scores tie too (zero queries)."""
+    q, k, _, _, cu, _ = make_inputs([150, 97], 4, 2, 32, torch.float32, seed=2)
+    k = torch.ones_like(k)
+    q[:, 1] = 0.0
+    lens = (cu[1:] - cu[:-1]).tolist()
+    bs, top_k = 8, 4
+    layout = kernels.block_layout(lens, bs, 0, q.device)
+    sel = kernels.route_topk(q, kernels.block_means(k, layout), layout, top_k, bs, False)
+    first, starts, blen = (layout[n].tolist() for n in ("block_first", "block_start", "block_len"))
+    for b in range(layout["NB"]):
+        for t in range(starts[b], starts[b] + blen[b]):
+            want = sorted(range(first[b], min(b, first[b] + top_k - 1)))
+            for h in range(q.shape[1]):
+                got = sorted(x for x in sel[h, t].tolist() if x >= 0)
+                assert got == want, (h, t, got, want)
+
+
 @pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "scatter"])
 def test_key_block_lists_are_inverse_of_selection(deterministic):
     """Each list (head, block) holds exactly the (token, slot) selections of that block, sorted by token in
