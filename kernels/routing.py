@@ -64,6 +64,18 @@ def _mean_pool_kernel(
     tl.store(means_ptr + (hkv * NB + blk) * D + offs_d, acc, mask=offs_d < D)
 
 
+@triton.jit
+def _pack_keys(s, cols, valid):
+    """int64 keys ordered as (score, then lower block first) of fp32 scores ``s`` [BLOCK_M, BLOCK_N] of blocks
+    ``cols`` [BLOCK_N]: the score's bits made order-preserving as int32 in the high half, ``2**31 - 1 - block`` in
+    the low half; invalid positions get the int64 minimum + 1 (below the slots' sentinels). One max then finds
+    a row's best candidate and its block together; -0.0 counts as +0.0."""
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 2147483647)
+    key = (ordered.to(tl.int64) << 32) | (2147483647 - cols[None, :]).to(tl.int64)
+    return tl.where(valid, key, -9223372036854775807)
+
+
 @triton.jit(do_not_specialize=['NB'])  # layout counts: one compile for every packing
 def _route_topk_kernel(
     q_ptr, means_ptr, block_start_ptr, block_len_ptr, block_first_ptr, sparse_ptr, sel_ptr,
@@ -87,9 +99,10 @@ def _route_topk_kernel(
     t = tl.load(block_start_ptr + blk) + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, KPAD)
-    # [BLOCK_M, KPAD]: running best scores (padding columns +inf so they are never replaced) and blocks
-    best_v = tl.where(offs_k[None, :] < KSEL, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KPAD], tl.float32)
-    best_i = tl.full([BLOCK_M, KPAD], -1, tl.int32)
+    # [BLOCK_M, KPAD]: running best (score, block) pairs packed into one int64 key each (``_pack_keys``): empty
+    # slots hold distinct sentinels below every candidate, padding columns the int64 maximum (never replaced)
+    best = tl.where(offs_k[None, :] < KSEL, -9223372036854775806 + offs_k[None, :].to(tl.int64),
+                    9223372036854775807) + tl.zeros([BLOCK_M, KPAD], tl.int64)
     if GROUP:
         hkv = hr
     else:
@@ -126,22 +139,20 @@ def _route_topk_kernel(
             s = tl.dot(q_hi, tl.trans(m_hi), s)
         else:
             s = tl.dot(qr, tl.trans(mk), input_precision=ROUTE_PREC)
-        s = tl.where((cols[None, :] < blk) & mrow[:, None], s, float("-inf"))
-        cmax = tl.max(s, axis=1)
-        cur_min = tl.min(best_v, axis=1)
-        # insertion passes only while some row of the tile has a chunk score above its current k-th best;
-        # each pass removes one column per row, so BLOCK_N passes bound the loop whatever the scores hold
+        key = _pack_keys(s, cols, (cols[None, :] < blk) & mrow[:, None])
+        kmax = tl.max(key, axis=1)
+        bmin = tl.min(best, axis=1)
+        # insertion passes only while some row of the tile has a chunk key above its current k-th best; each pass
+        # moves one candidate per row, so BLOCK_N passes bound the loop whatever the scores hold
         it = 0
-        while (tl.max((cmax > cur_min).to(tl.int32), axis=0) > 0) & (it < BLOCK_N):
+        while (tl.max((kmax > bmin).to(tl.int32), axis=0) > 0) & (it < BLOCK_N):
             it += 1
-            cidx = tl.min(tl.where(s == cmax[:, None], cols[None, :], 2147483647), axis=1)
-            pos = tl.min(tl.where(best_v == cur_min[:, None], offs_k[None, :], KPAD), axis=1)
-            put = ((cmax > cur_min) & (cidx < 2147483647))[:, None] & (offs_k[None, :] == pos[:, None])
-            best_v = tl.where(put, cmax[:, None], best_v)
-            best_i = tl.where(put, cidx[:, None].to(tl.int32), best_i)
-            s = tl.where(cols[None, :] == cidx[:, None], float("-inf"), s)
-            cmax = tl.max(s, axis=1)
-            cur_min = tl.min(best_v, axis=1)
+            best = tl.where((kmax > bmin)[:, None] & (best == bmin[:, None]), kmax[:, None], best)
+            key = tl.where(key == kmax[:, None], -9223372036854775807, key)
+            kmax = tl.max(key, axis=1)
+            bmin = tl.min(best, axis=1)
+    # sentinels (slots no candidate filled) -> -1
+    best_i = tl.where(best > -9223372036854775806 + KPAD, 2147483647 - (best & 4294967295), -1).to(tl.int32)
     sptrs = sel_ptr + (hr * T + t)[:, None] * KSEL + offs_k[None, :]
     tl.store(sptrs, best_i, mask=mrow[:, None] & (offs_k[None, :] < KSEL))
 

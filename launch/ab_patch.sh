@@ -5,7 +5,7 @@
 set -euo pipefail
 patch_file=$(realpath "$1"); shift
 work=$(mktemp -d); out=${OUT:-$work}
-mkdir -p "$work/old" "$work/new"
+mkdir -p "$work/old" "$work/new" "$out"
 git archive HEAD moba_core kernels | tar x -C "$work/old"
 git archive HEAD moba_core kernels | tar x -C "$work/new"
 patch -s -p1 -d "$work/new" < "$patch_file"
