@@ -31,6 +31,7 @@ from kernels.config import INTERPRET, kernel_config
 from kernels.routing import block_layout, block_means, build_block_lists, route_topk
 
 from .flash import varlen_causal_attention
+from .graphs import GRAPHS, graph_key, graphs_enabled
 from .layout import host_cu_seqlens
 from .varlen import TorchVarlen, varlen_primitives
 
@@ -244,28 +245,72 @@ class _TritonMoBA(torch.autograd.Function):
         routing = torch.ops.moba.route(q, k, lens, block_size, top_k, group_routing)
         o, lse, *dense_saved = torch.ops.moba.triton_fwd(q, k, v, routing, lens, block_size, top_k, scale,
                                                          group_routing)
-        layout, sel, lists = _routing_of(q, lens, block_size, top_k, routing)
-        tile_m = None if lists is None else lists["tile_m"]
+        layout, sel, _ = _routing_of(q, lens, block_size, top_k, routing)
         list_tensors = routing[1:] or [None] * len(LIST_TENSORS)
         ctx.save_for_backward(q, k, v, o, lse, sel, *list_tensors, *dense_saved)
-        ctx.args = (lens, layout, tile_m, dense_blocks_of(top_k), partial_budget(q), top_k, block_size, scale,
-                    group_routing)
+        ctx.args = _backward_args(q, lens, layout, block_size, top_k, scale, group_routing)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, sel, *rest = ctx.saved_tensors
-        list_tensors, dense_saved = rest[: len(LIST_TENSORS)], rest[len(LIST_TENSORS):]
-        lens, layout, tile_m, dense_blocks, budget, top_k, block_size, scale, group_routing = ctx.args
-        lists = dict(zip(LIST_TENSORS, list_tensors), tile_m=tile_m) if tile_m is not None else None
-        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-        dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-        moba_bwd(do, q, k, v, o, lse, layout, sel, lists, top_k, block_size, scale, group_routing, dense_blocks,
-                 dq, dk, dv, budget)
-        if layout["dense_segments"]:
-            _DenseRows(q, k, lens, layout, scale).backward(q, k, v, o, do, dense_saved, dq, dk, dv)
-        return dq, dk, dv, None, None, None, None, None
+        return (*_backward(ctx.args, do, *ctx.saved_tensors), None, None, None, None, None)
+
+
+def _backward_args(q, lens, layout, block_size: int, top_k: int, scale: float, group_routing: bool) -> tuple:
+    """The host values ``_backward`` needs besides the saved tensors."""
+    return (lens, layout, list_tile(q, layout, block_size, top_k), dense_blocks_of(top_k), partial_budget(q), top_k,
+            block_size, scale, group_routing)
+
+
+def _backward(args: tuple, do, q, k, v, o, lse, sel, *rest) -> list:
+    """dq, dk, dv of one call from its saved tensors (q, k, v, o, lse, sel, the list tensors (``LIST_TENSORS``;
+    None without lists), the dense prefixes' saved tensors) and ``_backward_args``' host values."""
+    list_tensors, dense_saved = rest[: len(LIST_TENSORS)], rest[len(LIST_TENSORS):]
+    lens, layout, tile_m, dense_blocks, budget, top_k, block_size, scale, group_routing = args
+    lists = dict(zip(LIST_TENSORS, list_tensors), tile_m=tile_m) if tile_m is not None else None
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    moba_bwd(do, q, k, v, o, lse, layout, sel, lists, top_k, block_size, scale, group_routing, dense_blocks,
+             dq, dk, dv, budget)
+    if layout["dense_segments"]:
+        _DenseRows(q, k, lens, layout, scale).backward(q, k, v, o, do, dense_saved, dq, dk, dv)
+    return [dq, dk, dv]
+
+
+def _graph_forward(q, k, v, lens, block_size, top_k, scale, group_routing) -> list:
+    """The captured forward: [o, lse, sel, list tensors (``LIST_TENSORS``, None without lists), dense saved]."""
+    o, lse, _, sel, lists, _, _, dense_saved = _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing)
+    list_tensors = [lists[n] for n in LIST_TENSORS] if lists is not None else [None] * len(LIST_TENSORS)
+    return [o, lse, sel, *list_tensors, *dense_saved]
+
+
+class _GraphedMoBA(torch.autograd.Function):
+    """``_TritonMoBA`` with its forward and backward replayed from CUDA graphs (``moba_core.graphs``); the same
+    saved tensors (clones of the graph's outputs), so activation checkpointing drops and recomputes them alike.
+    The routing and attention do not go through the ``torch.ops.moba`` ops here: selective checkpointing keeps
+    none of their outputs and recomputes (replays) the call instead. A backward whose graphs were dropped from
+    the cache since its forward (more than ``GRAPH_CACHE_SIZE`` call shapes in between) runs eagerly."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing, key):
+        outs = GRAPHS.run(key, "fwd", functools.partial(_graph_forward, lens=lens, block_size=block_size,
+                                                         top_k=top_k, scale=scale, group_routing=group_routing),
+                          [q, k, v])
+        ctx.save_for_backward(q, k, v, *outs)
+        layout = cached_layout(tuple(lens), block_size, dense_blocks_of(top_k), q.device)
+        ctx.args = _backward_args(q, lens, layout, block_size, top_k, scale, group_routing)
+        ctx.key = key
+        return outs[0]
+
+    @staticmethod
+    def backward(ctx, do):
+        saved = ctx.saved_tensors
+        if GRAPHS.has(ctx.key):
+            grads = GRAPHS.run(ctx.key, "bwd", functools.partial(_backward, ctx.args), [do, *saved])
+        else:
+            grads = _backward(ctx.args, do, *saved)
+        return (*grads, None, None, None, None, None, None)
 
 
 def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *, softmax_scale=None,
@@ -307,6 +352,15 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                enable_gqa=k.shape[1] != q.shape[1])
             return o.transpose(1, 2).reshape(q.shape)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if graphs_enabled(q):
+        key = graph_key(q, k, lens, block_size, top_k, scale, group_routing)
+        if GRAPHS.ready(key):
+            if grad:
+                return _GraphedMoBA.apply(q, k, v, lens, block_size, top_k, scale, group_routing, key)
+            fwd = functools.partial(_graph_forward, lens=lens, block_size=block_size, top_k=top_k, scale=scale,
+                                    group_routing=group_routing)
+            return GRAPHS.run(key, "fwd", fwd, [q, k, v])[0]
+    if grad:
         return _TritonMoBA.apply(q, k, v, lens, block_size, top_k, scale, group_routing)
     return _moba_forward(q, k, v, lens, block_size, top_k, scale, group_routing)[0]
