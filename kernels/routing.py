@@ -18,10 +18,10 @@ Algorithm (MoBA, arXiv 2502.13189, Sec. 2.2):
        (``tile_list``, ``tile_first``) lets later kernels launch over an upper bound of query tiles whose
        surplus programs exit at once.
 
-Layouts: q (T, HQ, D), k (T, HKV, D) with any strides; block means fp32 (HKV, NB, D) contiguous;
-selection int32 (HR, T, KSEL) with -1 for an empty slot; HR = HQ (per-head routing) or HKV (group
-routing: the score is the mean over the G = HQ / HKV query heads of a group, computed as the dot of the
-group's mean query with the block mean, which equals the mean of the scores up to rounding).
+Layouts: q (T, HQ, D), k (T, HKV, D) with any token and head strides, head dim contiguous (stride 1); block
+means fp32 (HKV, NB, D) contiguous; selection int32 (HR, T, KSEL) with -1 for an empty slot; HR = HQ
+(per-head routing) or HKV (group routing: the score is the mean over the G = HQ / HKV query heads of a group,
+computed as the dot of the group's mean query with the block mean, which equals the mean of the scores up to rounding).
 
 Dtypes: q, k fp32 / fp16 / bf16; routing scores accumulated in fp32 from split bf16 / tf32 tensor-core
 products on GPUs (``default_route_precision``), exact "ieee" under the interpreter. Head dims up to 128

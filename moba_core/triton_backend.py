@@ -318,7 +318,8 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
     """MoBA attention with the Triton kernels (arguments as ``moba_core.moba_attention``, already checked).
 
     Args:
-        q: (T, HQ, D); k, v: (T, HKV, D); fp16 / bf16 / fp32; any strides. cu_seqlens int32 (docs + 1,).
+        q: (T, HQ, D); k, v: (T, HKV, D); fp16 / bf16 / fp32; any strides (a tensor whose head dim is not
+            contiguous is copied first: the kernels read D with stride 1). cu_seqlens int32 (docs + 1,).
     Returns:
         o: (T, HQ, D) in q's dtype, differentiable in q, k, v.
     Raises:
@@ -338,6 +339,7 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
                          "bf16 dot products wrongly (outputs off by orders of magnitude), so use float32 / float16 "
                          "there, or backend='flash'")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in (q, k, v))
     if q.shape[0] == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # empty, differentiable in q, k, v
     cu = host_cu_seqlens(cu_seqlens)
