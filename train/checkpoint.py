@@ -187,6 +187,12 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         if problem:
             raise ValueError(f"resume={resume} cannot be loaded: {problem}")
         return p.parent, p.name
+    if not p.exists():
+        parent = p.parent if TAG_RE.match(p.name) else p  # a pruned step_* names its checkpoint dir
+        tags = sorted(c.name for c in parent.iterdir() if TAG_RE.match(c.name)) if parent.is_dir() else []
+        have = f"; {parent} holds {', '.join(tags)}" if tags else ""
+        raise ValueError(f"resume={resume!r} does not exist{have} (resume=auto takes the newest checkpoint of the run "
+                         "directory)")
     raise ValueError(f"resume={resume!r} is neither auto, none, nor a checkpoint directory")
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moba_core import MoBAConfig
 from moba_core.attention import triton_available
-from moba_core.schedule import Schedule, uses_moba
+from moba_core.schedule import Schedule, fraction_step, uses_moba
 from moba_core.varlen import cudnn_env
 
 from .eval_tasks import check_tasks
@@ -204,6 +204,16 @@ class DataConfig:
             raise ValueError(f"data.packing={self.packing!r} must be 'concat', 'pad' or 'best_fit'")
         if self.vocab_size < 512:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 512 (byte pieces + specials)")
+
+    def unused_vocab_size(self, tokenizer_vocab: int, given: str | None) -> str | None:
+        """The warning for a ``data.vocab_size`` that does nothing, or None: it sizes only a tokenizer trained on
+        the corpus, so one set away from its default while the tokenizer comes from elsewhere (``given``: a
+        prepared ``data.path``, ``data.tokenizer`` or ``model.name_or_path``) with another vocabulary
+        (``tokenizer_vocab``) is ignored, and the model gets ``tokenizer_vocab`` embeddings."""
+        if given is None or self.vocab_size in (DataConfig.vocab_size, tokenizer_vocab):
+            return None
+        return (f"data.vocab_size={self.vocab_size} is not used: the tokenizer comes from {given} and has "
+                f"{tokenizer_vocab} tokens (data.vocab_size sizes only a tokenizer trained on the corpus)")
 
 
 ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
@@ -401,6 +411,26 @@ class RunConfig:
             if moba_runs:  # raise on an index outside the model
                 moba_layers = self.moba.to_moba_config().moba_layers(layers)
                 self.schedule.to_schedule().moba_layers_at(0, self.train.max_steps, moba_layers, layers)
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but that a user most likely did not mean (logged as warnings at the start of
+        a run): a two-phase schedule (``full_then_moba`` / ``moba_then_full``) whose ``schedule.switch_fraction``
+        of ``train.max_steps`` rounds to 0 or all steps, so one phase never runs; an ``optim.warmup_steps`` of
+        at least ``train.max_steps``, so the learning rate never leaves its linear warm-up."""
+        out = []
+        name, steps = self.schedule.name, self.train.max_steps
+        if name in ("full_then_moba", "moba_then_full"):
+            switch = fraction_step(self.schedule.switch_fraction, steps)
+            first, second = name.split("_then_")
+            empty = first if switch == 0 else second if switch >= steps else None
+            if empty is not None:
+                out.append(f"schedule={name}: schedule.switch_fraction={self.schedule.switch_fraction} of "
+                           f"train.max_steps={steps} switches at step {switch}, so the {empty} phase has no steps")
+        warm = self.optim.warmup_steps
+        if warm >= steps > 0:
+            out.append(f"optim.warmup_steps={warm} >= train.max_steps={steps}: the learning rate never leaves its "
+                       f"linear warm-up (it reaches {steps / warm:.2f} x optim.lr at the last step)")
+        return out
 
     def check_triton_usable(self) -> None:
         """``moba.backend=triton`` runs our Triton kernels: it needs Triton and a CUDA device (on a CPU only

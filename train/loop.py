@@ -251,10 +251,13 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     import deepspeed
 
     from data import build_data, build_dataloader
+    from data.prepared import is_prepared
 
     # Every rank checks the same things before any collective or GPU work: an error on one rank only
     # would leave the others waiting in an all-to-all.
     cfg.check(world_size=world_from_env()[1], shape=model_shape(cfg.model))
+    for warning in cfg.warnings():
+        log.warning(warning)
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
     run_config = {**config_dict, "world_size": world_from_env()[1]}
@@ -290,6 +293,16 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     if info.is_main:
         dist.barrier()
     data_identity.check_tokenizer_unchanged(saved_data, tokenizer, tokenizer_spec)  # on every rank
+    given = None  # where the tokenizer comes from when it is not trained on the corpus
+    if is_prepared(d.path):
+        given = f"data.path={d.path} (prepared)"
+    elif d.tokenizer:
+        given = f"data.tokenizer={d.tokenizer}"
+    elif cfg.model.name_or_path:
+        given = f"model.name_or_path={cfg.model.name_or_path}"
+    unused = d.unused_vocab_size(tokenizer.vocab_size, given)
+    if unused and info.is_main:
+        log.warning(unused)
     run_config["data_identity"] = data_identity.identity(d.path, tokenizer, run_dir)
     if info.is_main:
         data_identity.store_tokenizer(tokenizer, run_dir, saved_data)

@@ -135,3 +135,36 @@ def test_fresh_model_keeps_the_group_values():
     with initialize_config_dir(str(CONFIGS), version_base=None):
         cfg = to_run_config(compose("config", overrides=["model=llama3_8b"]), ["model=llama3_8b"])
     assert cfg.model.rope_theta == 500000.0 and cfg.model.hidden_size == 4096
+
+
+def _composed(*overrides) -> RunConfig:
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        return to_run_config(compose("config", overrides=list(overrides)))
+
+
+def test_warnings_name_an_empty_schedule_phase_and_a_warmup_that_never_ends():
+    """Valid settings a user most likely did not mean: the switch of a two-phase schedule rounds to step 0 or to
+    the last step (one phase never runs), and a warm-up at least as long as the run."""
+    quiet = _composed("train.max_steps=100", "optim.warmup_steps=10")
+    assert quiet.warnings() == []
+    (msg,) = _composed("schedule=full_then_moba", "schedule.switch_fraction=0.1", "train.max_steps=4",
+                       "optim.warmup_steps=1").warnings()
+    assert "schedule=full_then_moba" in msg and "switches at step 0" in msg and "the full phase has no steps" in msg
+    (msg,) = _composed("schedule=moba_then_full", "schedule.switch_fraction=0.9", "train.max_steps=4",
+                       "optim.warmup_steps=1").warnings()
+    assert "switches at step 4" in msg and "the full phase has no steps" in msg
+    assert _composed("schedule=full_then_moba", "schedule.switch_fraction=0.5", "train.max_steps=4",
+                     "optim.warmup_steps=1").warnings() == []
+    (msg,) = _composed("train.max_steps=10", "optim.warmup_steps=20").warnings()
+    assert "optim.warmup_steps=20 >= train.max_steps=10" in msg and "0.50 x optim.lr" in msg  # lr_lambda(9) = 10/20
+
+
+def test_unused_vocab_size_is_named():
+    """data.vocab_size sizes only a tokenizer trained on the corpus: set while the tokenizer comes from elsewhere
+    with another vocabulary, it is reported; at its default or equal to the tokenizer's vocabulary, not."""
+    data = _composed("data.vocab_size=1024").data
+    msg = data.unused_vocab_size(8192, "data.path=prepared/x (prepared)")
+    assert msg.startswith("data.vocab_size=1024 is not used") and "8192 tokens" in msg
+    assert data.unused_vocab_size(8192, None) is None  # trained here: it is used
+    assert data.unused_vocab_size(1024, "data.tokenizer=t.model") is None
+    assert _composed().data.unused_vocab_size(32000, "data.tokenizer=hf") is None  # the default: not the user's

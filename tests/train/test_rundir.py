@@ -204,6 +204,21 @@ def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert ckpt.resolve_resume("auto", other) is None
 
 
+def test_resume_from_a_path_that_does_not_exist_says_so_and_lists_the_checkpoints_left(tmp_path):
+    """A pruned tag (checkpoint.keep) or a mistyped directory: the error says the path does not exist and, for a
+    tag, which checkpoints its directory still holds."""
+    fake_tag(tmp_path, 4)
+    fake_tag(tmp_path, 6)
+    with pytest.raises(ValueError, match=r"resume='.*step_00000003' does not exist; .* holds step_00000004, "
+                                         r"step_00000006 \(resume=auto"):
+        ckpt.resolve_resume(str(tmp_path / "step_00000003"), tmp_path)
+    with pytest.raises(ValueError, match=r"resume='.*nowhere' does not exist \(resume=auto"):
+        ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    (tmp_path / "notes.txt").write_text("x")  # a path that exists but holds no checkpoint
+    with pytest.raises(ValueError, match="is neither auto, none, nor a checkpoint directory"):
+        ckpt.resolve_resume(str(tmp_path / "notes.txt"), tmp_path)
+
+
 def test_resuming_with_other_documents_is_refused_naming_data_documents(tmp_path):
     tag = tmp_path / "step_00000002"
     tag.mkdir()
