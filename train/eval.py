@@ -12,7 +12,7 @@ outside a run: the ``moba`` dict ``train.export`` recorded in its config.json; `
 single settings; ``eval.attention=moba|full`` forces one), and writes into its run directory
 (``eval.out_dir``): ``eval.json`` (settings, every result, and the flat metrics) and ``eval_position_loss.png``
 (every target of the call and ``eval.compare``'s eval.json files side by side), ``eval_passkey.png`` and
-``eval_routing.png``.
+``eval_routing.png`` (a plot of a task the call does not run is removed, so none is left from an earlier call).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from .metrics import progress_shown
 log = logging.getLogger("train.eval")
 
 RESULT_FILE = "eval.json"
+PLOT_FILES = {"position": "eval_position_loss.png", "passkey": "eval_passkey.png", "routing": "eval_routing.png"}
 
 
 @dataclass
@@ -319,13 +320,16 @@ def evaluate_targets(cfg: EvalConfig, moba_overrides: dict | None = None) -> lis
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RESULT_FILE).write_text(json.dumps(record, indent=1))
         res = record["results"]
+        for task, name in PLOT_FILES.items():  # a plot of a task this call did not run is a former call's: drop it
+            if task not in res:
+                (out_dir / name).unlink(missing_ok=True)
         if "position" in res:
-            tasks_mod.plot_position(everyone, out_dir / "eval_position_loss.png")
+            tasks_mod.plot_position(everyone, out_dir / PLOT_FILES["position"])
         if "passkey" in res:
-            tasks_mod.plot_passkey(res["passkey"], out_dir / "eval_passkey.png", label)
+            tasks_mod.plot_passkey(res["passkey"], out_dir / PLOT_FILES["passkey"], label)
         if "routing" in res:
             n = max(res["routing"], key=int)
-            tasks_mod.plot_routing(res["routing"][n], out_dir / "eval_routing.png", f"{label} @ {n} tokens")
+            tasks_mod.plot_routing(res["routing"][n], out_dir / PLOT_FILES["routing"], f"{label} @ {n} tokens")
         log.info("%s: %s", out_dir / RESULT_FILE, summary_line(record["metrics"]))
         written.append(out_dir / RESULT_FILE)
     return written

@@ -97,6 +97,8 @@ def test_eval_command_end_to_end(tmp_path, small_corpus):
     # step; under full attention the recall stays defined per layer (what MoBA would choose) while no layer
     # runs MoBA, so the mean over MoBA layers is None.
     out = tmp_path / "ckpt_eval"
+    out.mkdir()
+    (out / "eval_passkey.png").write_bytes(b"a former call's plot")  # passkey is not run below: it must go
     cfg = EvalConfig(eval=EvalSettings(targets=[str(run / "checkpoints" / "step_00000002")], lengths=[256], num_docs=2,
                                        tasks=["position", "routing"], queries=16, out_dir=str(out), attention="full",
                                        compare=[str(run)]), progress_bar="off")
