@@ -12,6 +12,7 @@ A launch stopped by SIGTERM / SIGUSR1 / SIGINT saves a checkpoint and exits with
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RunConfig, check_known_keys, from_checkpoint_unless_overridden, register_configs
+from .config import (
+    RunConfig,
+    check_known_keys,
+    check_override_keys,
+    from_checkpoint_unless_overridden,
+    register_configs,
+)
 from .distributed import quiet_deepspeed, shutdown_distributed
 from .preemption import exit_status
 from .rundir import claim_run_dir, register_resolvers
@@ -76,6 +83,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        check_override_keys(sys.argv[1:])
+    except ValueError as e:  # a mistyped key: say so (with the closest setting) before Hydra composes anything
+        sys.exit(f"error: {e}")
     try:
         main()
     finally:  # after every job of a sweep; also when Hydra exits with a job's error

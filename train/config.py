@@ -459,14 +459,40 @@ def check_known_keys(cfg: DictConfig | dict, schema: type = RunConfig, prefix: s
     known = {f.name: f for f in fields(schema)}
     for key, value in data.items():
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ValueError(
-                f"{prefix}{key} is not a setting{hint}; {prefix.rstrip('.') or 'the config'} has: {', '.join(known)}"
-            )
+            raise _unknown_key(str(key), known, prefix)
         factory = known[key].default_factory
         if is_dataclass(factory) and isinstance(value, dict):
             check_known_keys(value, factory, f"{prefix}{key}.")
+
+
+def _unknown_key(key: str, known: dict, prefix: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ValueError(f"{prefix}{key} is not a setting{hint}; {prefix.rstrip('.') or 'the config'} has: "
+                      f"{', '.join(known)}")
+
+
+def check_override_keys(overrides: Sequence[str], schema: type = RunConfig) -> None:
+    """Refuse a command-line override ``a.b.c=value`` whose key the schema does not have, before Hydra composes
+    the config (Hydra's own error for it only suggests ``+a.b.c=value``, which ``check_known_keys`` then refuses).
+    Flags (``-m``), additions and deletions (``+`` / ``~``), ``hydra.*`` keys and group choices without a dot
+    (``model=tiny``) are left to Hydra; the check stops at a field that is not a dataclass (``moba.layers``).
+
+    Raises:
+        ValueError: as ``check_known_keys``: the unknown key, the closest known one and the group's settings.
+    """
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" not in override or key.startswith(("-", "+", "~", "hydra.")) or "." not in key or "@" in key:
+            continue
+        current, prefix = schema, ""
+        for part in key.split("."):
+            known = {f.name: f for f in fields(current)}
+            if part not in known:
+                raise _unknown_key(part, known, prefix)
+            current, prefix = known[part].default_factory, f"{prefix}{part}."
+            if not is_dataclass(current):
+                break
 
 
 def from_checkpoint_unless_overridden(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:

@@ -56,7 +56,7 @@ def test_full_schedule_and_hf_export_then_continue(tmp_path, data_cache):
         pytest.param("moba.top_k=0", "moba.top_k=0", id="topk0"),
         pytest.param("data.seq_len=16", "data.seq_len=16 is smaller than moba.block_size=32", id="seq-lt-block"),
         pytest.param("parallel.zero_stage=5", "parallel.zero_stage=5", id="zero5"),
-        pytest.param("moba.bloc_size=64", "bloc_size", id="typo"),
+        pytest.param("moba.bloc_size=64", "moba.bloc_size is not a setting (did you mean moba.block_size?)", id="typo"),
         pytest.param("+moba.blocksize=64", "moba.blocksize is not a setting (did you mean moba.block_size?)",
                      id="plus-typo"),
         pytest.param("moba.full_attn_layers=5", "moba.full_attn_layers=5 asks for more full layers", id="full-n"),

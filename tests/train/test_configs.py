@@ -168,3 +168,21 @@ def test_unused_vocab_size_is_named():
     assert data.unused_vocab_size(8192, None) is None  # trained here: it is used
     assert data.unused_vocab_size(1024, "data.tokenizer=t.model") is None
     assert _composed().data.unused_vocab_size(32000, "data.tokenizer=hf") is None  # the default: not the user's
+
+
+def test_override_keys_are_checked_before_hydra_composes():
+    """A mistyped ``a.b=value`` gets the closest setting named (Hydra's own error only suggests ``+a.b=value``);
+    flags, group choices, hydra.* keys, additions / deletions and values inside non-dataclass fields pass."""
+    from train.config import check_override_keys
+
+    valid = ["-m", "--cfg", "job", "train.max_steps=5", "logging.wandb.mode=disabled", "hydra.run.dir=runs/x",
+             "+foo.bar=1", "~moba.layers", "moba.layers=[{layer:0,blocksize:64}]", "model=tiny", "schedule=gradual",
+             "schedule.switch_fraction=0.5", "model.name_or_path=x", "moba.block_size=64,128", "seed=3",
+             "model@other=tiny", *GROUP_CHOICES]
+    check_override_keys(valid)
+    bad_keys = [("train.max_step=5", "train.max_step is not a setting (did you mean train.max_steps?)"),
+                ("logging.wandb.mod=x", "logging.wandb.mod is not a setting (did you mean logging.wandb.mode?)"),
+                ("lr.value=1", "lr is not a setting; the config has: model, moba, ")]
+    for bad, message in bad_keys:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_override_keys([*valid[:3], bad])
