@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.launch import STATS as launch_stats  # noqa: E402
+from kernels.launch import fast_launch_enabled  # noqa: E402
 from moba_core import moba_attention  # noqa: E402
 from train.bench_kernels import parse_point  # noqa: E402
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--point", default="8192:512:3", help="[NSEQx]SEQ_LEN:BLOCK:TOP_K")
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--top", type=int, default=25, help="rows of the cProfile table")
+    ap.add_argument("--top", type=int, default=25, help="rows of the cProfile table (0: no profile)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: launch/host_profile.py needs a CUDA device", file=sys.stderr)
@@ -105,6 +107,11 @@ def main(argv=None) -> int:
         except RuntimeError as err:  # a capture that fails (a host sync, an unsupported op) names the reason
             replay = f"n/a ({str(err).splitlines()[0][:80]})"
         print(f"| {name} | {eager:.3f} | {host:.3f} | {replay} |", flush=True)
+    if fast_launch_enabled():  # a direct path that never hits would time like Triton's own: count the hits
+        print(f"MOBA_FAST_LAUNCH=1: launches since import: {launch_stats['direct']} direct, "
+              f"{launch_stats['triton']} through Triton's path")
+    if args.top == 0:
+        return 0
     prof = cProfile.Profile()
     torch.cuda.synchronize()
     prof.enable()

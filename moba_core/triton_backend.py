@@ -293,10 +293,8 @@ class _GraphedMoBA(torch.autograd.Function):
     the cache since its forward (more than ``GRAPH_CACHE_SIZE`` call shapes in between) runs eagerly."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing, key):
-        outs = GRAPHS.run(key, "fwd", functools.partial(_graph_forward, lens=lens, block_size=block_size,
-                                                         top_k=top_k, scale=scale, group_routing=group_routing),
-                          [q, k, v])
+    def forward(ctx, q, k, v, lens, block_size, top_k, scale, group_routing, key, graph_fwd):
+        outs = GRAPHS.run(key, "fwd", graph_fwd, [q, k, v])
         ctx.save_for_backward(q, k, v, *outs)
         layout = cached_layout(tuple(lens), block_size, dense_blocks_of(top_k), q.device)
         ctx.args = _backward_args(q, lens, layout, block_size, top_k, scale, group_routing)
@@ -310,7 +308,7 @@ class _GraphedMoBA(torch.autograd.Function):
             grads = GRAPHS.run(ctx.key, "bwd", functools.partial(_backward, ctx.args), [do, *saved])
         else:
             grads = _backward(ctx.args, do, *saved)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *, softmax_scale=None,
@@ -358,10 +356,10 @@ def triton_moba_attention(q, k, v, cu_seqlens, max_seqlen, block_size, top_k, *,
     if graphs_enabled(q):
         key = graph_key(q, k, lens, block_size, top_k, scale, group_routing)
         if GRAPHS.ready(key):
-            if grad:
-                return _GraphedMoBA.apply(q, k, v, lens, block_size, top_k, scale, group_routing, key)
             fwd = functools.partial(_graph_forward, lens=lens, block_size=block_size, top_k=top_k, scale=scale,
                                     group_routing=group_routing)
+            if grad:
+                return _GraphedMoBA.apply(q, k, v, lens, block_size, top_k, scale, group_routing, key, fwd)
             return GRAPHS.run(key, "fwd", fwd, [q, k, v])[0]
     if grad:
         return _TritonMoBA.apply(q, k, v, lens, block_size, top_k, scale, group_routing)

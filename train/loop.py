@@ -255,9 +255,11 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
 
     # Every rank checks the same things before any collective or GPU work: an error on one rank only
     # would leave the others waiting in an all-to-all.
-    cfg.check(world_size=world_from_env()[1], shape=model_shape(cfg.model))
-    for warning in cfg.warnings():
-        log.warning(warning)
+    rank, world_size, _ = world_from_env()
+    cfg.check(world_size=world_size, shape=model_shape(cfg.model))
+    if rank == 0:  # once per run, not once per process
+        for warning in cfg.warnings():
+            log.warning(warning)
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
     run_config = {**config_dict, "world_size": world_from_env()[1]}
