@@ -357,10 +357,27 @@ def tasks_during_training(lm, tokenizer, data_kwargs: dict, tasks: list[str], se
     return tasks_mod.flat_metrics(res)
 
 
+# Hydra's command-line flags that take the next argument as their value (``--info`` only for one of its topics)
+HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun")
+HYDRA_INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
 def _targets_from_argv(argv: list[str]) -> list[str]:
-    """Move positional TARGET arguments (no ``=``, not an option) into one ``eval.targets=[...]`` override."""
-    targets = [a for a in argv if "=" not in a and not a.startswith("-")]
-    rest = [a for a in argv if a not in targets]
+    """Move positional TARGET arguments (no ``=``, not an option, not the value of a Hydra flag such as
+    ``--cfg job``) into one ``eval.targets=[...]`` override appended after the rest, which keeps its order."""
+    targets, rest = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        takes_value = a in HYDRA_VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(argv)
+                                                and argv[i + 1] in HYDRA_INFO_TOPICS)
+        if takes_value:
+            rest.extend(argv[i:i + 2])
+            i += 2
+            continue
+        (rest if "=" in a or a.startswith("-") else targets).append(a)
+        i += 1
     if targets:
         quoted = ",".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in targets)
         rest.append(f"eval.targets=[{quoted}]")

@@ -196,3 +196,23 @@ def test_exported_model_is_evaluated_with_its_recorded_moba_settings(tmp_path):
     info = set_attention(lm, target, EvalConfig(), {"top_k": 3, "full_attn_layers": []})
     assert info == {"moba_layers": [0, 1, 2], "block_size": 48, "top_k": 3}
     assert (mods[0].self_attn.moba_config.top_k, mods[2].self_attn.moba_config.top_k) == (3, 4)
+
+
+def test_targets_from_argv_leaves_hydra_flag_values():
+    """Positional targets become one ``eval.targets`` override; the value of a Hydra flag (``--cfg job``, ``-cn
+    eval``, ``--info config``) stays with its flag (it was taken for a target, and Hydra then lacked it)."""
+    from train.eval import _targets_from_argv
+
+    assert _targets_from_argv(["runs/a", "--cfg", "job", "eval.seq_lens=[64]", "runs/b"]) == [
+        "--cfg", "job", "eval.seq_lens=[64]", "eval.targets=['runs/a','runs/b']"]
+    assert _targets_from_argv(["-cn", "eval", "--info", "config", "-m", "it's"]) == [
+        "-cn", "eval", "--info", "config", "-m", "eval.targets=['it\\'s']"]
+    assert _targets_from_argv(["--info", "runs/a"]) == ["--info", "eval.targets=['runs/a']"]
+
+
+def test_eval_cfg_job_prints_the_config():
+    """``python -m train.eval --cfg job TARGET`` prints the composed config with the target, as Hydra's flag does."""
+    proc = subprocess.run([sys.executable, "-m", "train.eval", "--cfg", "job", "runs/some_run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "targets:" in proc.stdout and "runs/some_run" in proc.stdout
