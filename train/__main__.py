@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import (
+    ConfigError,
     RunConfig,
     check_known_keys,
     check_override_keys,
@@ -65,7 +66,10 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Ru
 
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    run_cfg = to_run_config(cfg, list(HydraConfig.get().overrides.task))
+    try:
+        run_cfg = to_run_config(cfg, list(HydraConfig.get().overrides.task))
+    except ValueError as e:  # a bad setting: its message alone, not Hydra's traceback of our own check
+        raise SystemExit(f"error: {e}") from None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_deepspeed(run_cfg.device)  # before train.loop imports deepspeed
     from .loop import run
@@ -73,7 +77,10 @@ def main(cfg: DictConfig) -> float | None:
     # One launch at a time owns the run directory (and every rank has the same one): train/rundir.py.
     with claim_run_dir(run_dir, Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else None):
         # config.json keeps the full command-line overrides (and a sweep job's swept settings) beside the config.
-        result = run(run_cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **sweep_record()})
+        try:
+            result = run(run_cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **sweep_record()})
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
     if result.get("preempted"):
         # Stopped by a signal after saving (the loop logged what it saved and how to resume): exit 128 + the
         # signal's number, once the run directory is released, so that whatever chains stages (make train, a

@@ -26,6 +26,11 @@ from moba_core.varlen import cudnn_env
 from .eval_tasks import check_tasks
 
 
+class ConfigError(ValueError):
+    """A bad setting found by a check of the run's config (the message names the setting and its value);
+    ``python -m train`` prints it as ``error: ...`` without a traceback."""
+
+
 @dataclass
 class ModelConfig:
     """The model. With ``name_or_path`` set, the fields a checkpoint carries (``CHECKPOINT_FIELDS``) are

@@ -19,7 +19,7 @@ from moba_core.hf import apply_moba, set_moba_layers
 
 from . import checkpoint as ckpt
 from . import data_identity
-from .config import ADAMW_IMPLEMENTATIONS, RunConfig
+from .config import ADAMW_IMPLEMENTATIONS, ConfigError, RunConfig
 from .distributed import DistInfo, device_type, init_distributed, world_from_env
 from .eval import tasks_during_training
 from .export import moba_record, set_plain_file_modes
@@ -256,7 +256,10 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     # Every rank checks the same things before any collective or GPU work: an error on one rank only
     # would leave the others waiting in an all-to-all.
     rank, world_size, _ = world_from_env()
-    cfg.check(world_size=world_size, shape=model_shape(cfg.model))
+    try:
+        cfg.check(world_size=world_size, shape=model_shape(cfg.model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if rank == 0:  # once per run, not once per process
         for warning in cfg.warnings():
             log.warning(warning)

@@ -67,6 +67,7 @@ def test_bad_setting_fails_before_training(tmp_path, data_cache, override, messa
     proc = run_train([override], tmp_path / "bad", data_cache, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr  # the message alone, not a traceback of our own check
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
