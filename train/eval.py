@@ -402,7 +402,10 @@ ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
-    ecfg = to_eval_config(cfg)
+    try:
+        ecfg = to_eval_config(cfg)
+    except ValueError as e:  # a bad setting: its message alone, not Hydra's traceback of our own check
+        raise SystemExit(f"error: {e}") from None
     given = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
     overrides = {k.split(".", 1)[1]: getattr(ecfg.moba, k.split(".", 1)[1]) for k in given if k.startswith("moba.")}
     evaluate_targets(ecfg, overrides)

@@ -216,3 +216,11 @@ def test_eval_cfg_job_prints_the_config():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "targets:" in proc.stdout and "runs/some_run" in proc.stdout
+
+
+def test_eval_bad_setting_prints_the_error_alone():
+    """A bad eval setting exits 1 with ``error: <the setting and value>``, not Hydra's traceback of our check."""
+    proc = subprocess.run([sys.executable, "-m", "train.eval", "runs/some_run", "eval.trials=0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "error: eval.trials=0 must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
