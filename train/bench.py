@@ -195,15 +195,17 @@ STOPPED_RE = re.compile(r"stopped by a signal at step \d+(?: before the [\w ]+?)
 def failure_reason(stderr: str, stdout: str = "") -> str | None:
     """``out of memory``; else, for a run stopped by a signal (``python -m train`` then exits 128 + its number),
     its log line's start (``stopped by a signal at step 3 (SIGTERM)``, from either stream); else the first
-    exception line of a failed run's stderr (``ValueError: moba...``; not the launcher's ``ChildFailedError``),
-    cut to 200 characters."""
+    ``error: ...`` line (a bad setting) or exception line of a failed run's stderr (``ValueError: ...``; not the
+    launcher's ``ChildFailedError``), cut to 200 characters."""
     if "out of memory" in stderr.lower() or "OutOfMemoryError" in stderr:
         return "out of memory"
     stopped = STOPPED_RE.search(stdout + "\n" + stderr)
     if stopped:
         return stopped.group(0)
     for line in stderr.splitlines():
-        if re.match(r"^[\w.]*(Error|Exception): \S", line) and "ChildFailedError" not in line:
+        # ``error: ...``: a bad setting as python -m train prints it (ConfigError); else an exception's line
+        if (line.lstrip().startswith("error: ") or re.match(r"^[\w.]*(Error|Exception): \S", line)) \
+                and "ChildFailedError" not in line:
             return line.strip()[:200]
     return None
 

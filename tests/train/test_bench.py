@@ -291,7 +291,7 @@ def test_cpu_run_writes_rows_and_table_and_reruns_into_the_same_root(tmp_path, s
     assert [(r["seq_len"], r["attention"], r["moba"], r["ok"]) for r in rows] == [
         (256, "full", None, True), (256, "moba", "32:2", True), (256, "moba", "33:2", False)]
     full, moba, bad = rows
-    assert bad["error"] == "ValueError: moba.block_size=33 must be a positive multiple of 16"
+    assert bad["error"] == "error: moba.block_size=33 must be a positive multiple of 16"
     for r in (full, moba):
         assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu"] is None  # CPU
         assert r["gpu"] == "cpu" and r["date"] and r["gpus"] == 1
