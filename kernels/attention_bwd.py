@@ -91,7 +91,7 @@ def _bwd_tile(k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, dq_rows, rmask, qk_sc
 @triton.jit(do_not_specialize=['LIST0', 'LIST1'])  # layout counts: one compile for every packing
 def _gather_rows_kernel(
     q_ptr, do_ptr, lse_ptr, delta_ptr, qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, entries_ptr, list_ptr,
-    stride_qt, stride_qh, stride_dot, stride_doh, T, KSEL, LIST0, LIST1, CAP,
+    stride_qt, stride_qh, stride_dot, stride_doh, T, KSEL: tl.constexpr, LIST0, LIST1, CAP,
     G: tl.constexpr, GROUP: tl.constexpr, NH: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
@@ -133,7 +133,7 @@ def _dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     T, NB, DENSE_BLOCKS, qk_scale, sm_scale, HKV0, LIST0, CAP,
-    G: tl.constexpr, NLISTS: tl.constexpr, KSEL,
+    G: tl.constexpr, NLISTS: tl.constexpr, KSEL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
     HAS_LISTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -231,7 +231,7 @@ def _list_dq_kernel(
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     T, NB, LIST0, LIST1, HQ0, qk_scale,
-    G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL,
+    G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):

@@ -90,11 +90,12 @@ def _list_fwd_kernel(
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     T, NB, LIST0, LIST1, HQ0, qk_scale,
-    G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL,
+    G: tl.constexpr, GROUP: tl.constexpr, NHEADS: tl.constexpr, KSEL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_DESC: tl.constexpr = False,
 ):
     # tiles of lists [LIST0, LIST1) (one chunk of routing heads); surplus programs exit
+    # with KV_DESC, k_ptr / v_ptr are TMA tensor descriptors of k / v as (T, HKV * D) (``kv_descriptors``)
     pid = tl.program_id(0).to(tl.int64) + tl.load(tile_first_ptr + LIST0)
     if pid >= tl.load(tile_first_ptr + LIST1):
         return
@@ -117,12 +118,17 @@ def _list_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n in range(0, BLOCK_SIZE, BLOCK_N):
-            offs_n = (kstart + n + tl.arange(0, BLOCK_N)).to(tl.int64)
-            # [BLOCK_N, BLOCK_D]
-            kk = tl.load(k_ptr + offs_n[:, None] * stride_kt + hkv * stride_kh + offs_d[None, :],
-                         mask=dmask[None, :], other=0.0)
-            vv = tl.load(v_ptr + offs_n[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
-                         mask=dmask[None, :], other=0.0)
+            if KV_DESC:
+                # [BLOCK_N, BLOCK_D]
+                kk = k_ptr.load([(kstart + n).to(tl.int32), (hkv * D).to(tl.int32)])
+                vv = v_ptr.load([(kstart + n).to(tl.int32), (hkv * D).to(tl.int32)])
+            else:
+                offs_n = (kstart + n + tl.arange(0, BLOCK_N)).to(tl.int64)
+                # [BLOCK_N, BLOCK_D]
+                kk = tl.load(k_ptr + offs_n[:, None] * stride_kt + hkv * stride_kh + offs_d[None, :],
+                             mask=dmask[None, :], other=0.0)
+                vv = tl.load(v_ptr + offs_n[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
+                             mask=dmask[None, :], other=0.0)
             # selected blocks are full and rows past the list end have q = 0 (finite scores, not stored): no mask
             m_i, l_i, acc = _softmax_step(q, kk, vv, m_i, l_i, acc, qk_scale, me[:, None], DOT_PREC, False)
         l_safe = tl.where(me, l_i, 1.0)
@@ -200,6 +206,24 @@ def _combine_fwd_kernel(
              mask=mrow[:, None] & dmask[None, :])
 
 
+def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple | None:
+    """TMA tensor descriptors of k and v (T, HKV, D) seen as (T, HKV * D) with [block_n, D] boxes, or None where
+    they do not apply: ``MOBA_KV_DESC=0``, a head dim that is not a power of two >= 16 (the box would cross into the
+    next head), heads not packed (stride(1) != D), or a token stride / base not 16-byte aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if os.environ.get("MOBA_KV_DESC", "1") == "0":
+        return None
+    T, HKV, D = k.shape
+    ok = D >= 16 and D & (D - 1) == 0 and all(
+        x.stride(2) == 1 and x.stride(1) == D and (x.stride(0) * x.element_size()) % 16 == 0
+        and x.data_ptr() % 16 == 0 for x in (k, v))
+    if not ok:
+        return None
+    return tuple(TensorDescriptor(x, shape=[T, HKV * D], strides=[x.stride(0), 1], block_shape=[block_n, D])
+                 for x in (k, v))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Precision of ``tl.dot`` for fp32 inputs (fp16 / bf16 ignore it): "tf32x3" on GPUs (split-tf32 on the
     tensor cores, fp32-level accuracy: ~1e-6 relative against float64 in ``train.bench_kernels``' check), exact
@@ -253,10 +277,11 @@ def moba_fwd(q, k, v, layout: dict, sel: torch.Tensor, lists: dict | None, top_k
             lpart = torch.empty((nhq, T, ksel), device=dev, dtype=torch.float32)
             assert lists["tile_m"] == lcfg["BLOCK_M"]
             bound = triton.cdiv(T * (h1 - h0) * ksel, lists["tile_m"]) + (h1 - h0) * nb
+            descs = kv_descriptors(k, v, lcfg["BLOCK_N"])
             launch(_list_fwd_kernel, (bound,),
-                q, k, v, opart, lpart, lists["entries"], lists["list_ptr"], lists["tile_list"], lists["tile_first"],
+                q, *(descs or (k, v)), opart, lpart, lists["entries"], lists["list_ptr"], lists["tile_list"], lists["tile_first"],
                 layout["block_start"], NB=nb, LIST0=h0 * nb, LIST1=h1 * nb, HQ0=hq0, NHEADS=nh,
-                **strides, **const, **lcfg,
+                KV_DESC=descs is not None, **strides, **const, **lcfg,
             )
         else:
             opart = lpart = lse  # unused

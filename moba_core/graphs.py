@@ -1,4 +1,4 @@
-"""CUDA graphs for short MoBA calls of the Triton backend (opt-in: ``MOBA_CUDA_GRAPHS=1``).
+"""CUDA graphs for short MoBA calls of the Triton backend (on by default; ``MOBA_CUDA_GRAPHS=0`` turns them off).
 
 A short call (8K tokens: ~1.5 ms of kernels per fwd+bwd) is bound by the host: its ~20 launches and the Python
 around them took 2.9-3.4 ms per fwd+bwd on the H200 machine of session 12, and the forward alone 0.62-0.84 ms
@@ -15,9 +15,11 @@ every step pays one extra forward and backward per step and layout, then every f
 ``GRAPH_CACHE_SIZE`` keys are kept (least recently used dropped, with their memory).
 
 Inputs are copied into the graph's static buffers and outputs cloned out (about 20 us per 32 MB tensor on an
-H200), so a replay never aliases another call's tensors. Memory per key: the static inputs and outputs plus the
-call's temporaries (estimated ~0.7 GiB at 8K tokens, 16 heads, head dim 128), which is why only calls of at most
-``MOBA_CUDA_GRAPH_MAX_TOKENS`` tokens (default 16384) are graphed.
+H200), so a replay never aliases another call's tensors. A call on another CUDA stream than the key's last replay
+waits for that replay first (one event per graph): two streams never share the static buffers at once. Memory
+per key: the static inputs and outputs plus the call's temporaries (estimated ~0.7 GiB at 8K tokens, 16 heads,
+head dim 128), which is why only calls of at most ``MOBA_CUDA_GRAPH_MAX_TOKENS`` tokens (default 16384) are
+graphed.
 """
 
 from __future__ import annotations
@@ -33,20 +35,21 @@ _SEEN_SIZE = 64  # shape keys remembered as seen once
 
 
 def graphs_enabled(q: torch.Tensor) -> bool:
-    """Whether this call may be graphed: ``MOBA_CUDA_GRAPHS=1``, q on a CUDA device, at most
-    ``MOBA_CUDA_GRAPH_MAX_TOKENS`` tokens (default 16384), and no capture already running on this stream.
+    """Whether this call may be graphed: ``MOBA_CUDA_GRAPHS`` 1 (the default), q on a CUDA device, at most
+    ``MOBA_CUDA_GRAPH_MAX_TOKENS`` tokens (default 16384), not inside ``torch.compile``'s tracing, and no capture
+    already running on this stream.
 
     Raises:
         ValueError: ``MOBA_CUDA_GRAPHS`` not 0 / 1, or ``MOBA_CUDA_GRAPH_MAX_TOKENS`` not a positive integer.
     """
-    flag = os.environ.get("MOBA_CUDA_GRAPHS", "0").strip()
+    flag = os.environ.get("MOBA_CUDA_GRAPHS", "1").strip()
     if flag not in ("0", "1"):
         raise ValueError(f"MOBA_CUDA_GRAPHS must be 0 or 1, got {flag!r}")
     raw = os.environ.get("MOBA_CUDA_GRAPH_MAX_TOKENS", "16384").strip()
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"MOBA_CUDA_GRAPH_MAX_TOKENS must be a positive integer, got {raw!r}")
     return (flag == "1" and q.device.type == "cuda" and q.shape[0] <= int(raw)
-            and not torch.cuda.is_current_stream_capturing())
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
 def graph_key(q, k, lens, block_size: int, top_k: int, scale: float, group_routing: bool) -> tuple:
@@ -71,17 +74,22 @@ class _Graphed:
 
     def __init__(self, fn: Callable, inputs: list):
         self.static_in = [_static_like(x) for x in inputs]
+        self._done = None  # event recorded after each replay's clones (set by the CUDA capture)
         self._copy_in(inputs)
         self._capture(fn, inputs[0].device)
 
     def _capture(self, fn: Callable, device: torch.device) -> None:
+        self.device = device
+        self._done = torch.cuda.Event()
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
             fn(*self.static_in)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls of other threads (a DataLoader's pinning, a communication thread) neither fail
+        # nor invalidate this capture
+        with torch.no_grad(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_out = fn(*self.static_in)
 
     def _replay(self) -> None:
@@ -93,9 +101,17 @@ class _Graphed:
                 dst.copy_(src)
 
     def __call__(self, inputs: list) -> list:
+        stream = None
+        if self._done is not None:
+            # a replay issued on another stream must have read its inputs and had its outputs cloned first
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(self._done)
         self._copy_in(inputs)
         self._replay()
-        return [None if x is None else x.clone() for x in self.static_out]
+        out = [None if x is None else x.clone() for x in self.static_out]
+        if stream is not None:
+            self._done.record(stream)
+        return out
 
 
 class GraphCache:

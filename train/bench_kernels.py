@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from moba_core.graphs import GRAPHS
+
 from .bench import replace_marked_section, shown_command
 
 DEFAULT_POINTS = ["8192:4096:12", "8192:512:3", "32768:2048:3", "131072:4096:12", "131072:512:8",
@@ -392,6 +394,7 @@ def main(argv=None):
             print(rows[-1], flush=True)
         q = k = v = fns = None
         GRAD[0] = None
+        GRAPHS.clear()  # a point's CUDA graphs (short calls) would hold memory through the next points' peaks
         torch.cuda.empty_cache()
         write_section(args, argv, lines, rows)
         write_json(args.json, records)

@@ -1,4 +1,4 @@
-"""CUDA graphs for short calls (``moba_core.graphs``, ``MOBA_CUDA_GRAPHS=1``).
+"""CUDA graphs for short calls (``moba_core.graphs``, on unless ``MOBA_CUDA_GRAPHS=0``).
 
 On the CPU (the interpreter) the cache, the shape key and the graphed autograd path run with a stand-in for the
 capture (``_Eager``: the same static buffers, the function re-run at each replay), against the eager path and
@@ -59,6 +59,8 @@ def test_cache_captures_on_the_second_sighting_and_drops_the_least_recent():
 
 def test_graphs_enabled_reads_its_settings(monkeypatch):
     q = torch.zeros(8, 1, 16)
+    monkeypatch.delenv("MOBA_CUDA_GRAPHS", raising=False)  # on by default, but
+    assert not graphs.graphs_enabled(q)  # CPU tensors are never graphed
     monkeypatch.setenv("MOBA_CUDA_GRAPHS", "1")
     assert not graphs.graphs_enabled(q)  # CPU tensors are never graphed
     monkeypatch.setenv("MOBA_CUDA_GRAPHS", "yes")
@@ -161,4 +163,36 @@ def test_cuda_graphs_replay_equals_eager_on_the_gpu(monkeypatch):
                 if name.startswith("o"):  # each query's output is computed alone: no atomics in the forward
                     assert torch.equal(a, b), f"{name} {lens} rep {rep}"
     assert len(graphs.GRAPHS.entries) == 2
+    graphs.GRAPHS.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device and TRITON_INTERPRET=0")
+def test_cuda_graph_replays_on_two_streams_keep_their_inputs(monkeypatch):
+    """A replay issued on a side stream right after one on the current stream must not overwrite the static inputs
+    the first is still reading (without the graph's event the two share its buffers at once)."""
+    bs, top_k = 512, 3
+    cu = torch.tensor([0, 8192], dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = ([torch.randn(8192, 16, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3)]
+            for _ in range(2))
+
+    def call(x):
+        with torch.no_grad():
+            return moba_attention(*x, cu, 8192, bs, top_k, backend="triton")
+
+    monkeypatch.setenv("MOBA_CUDA_GRAPHS", "0")
+    want_a, want_b = call(a), call(b)
+    monkeypatch.setenv("MOBA_CUDA_GRAPHS", "1")
+    graphs.GRAPHS.clear()
+    call(a), call(a)  # seen, then captured
+    side = torch.cuda.Stream()
+    for _ in range(5):
+        got_a = call(a)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got_b = call(b)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        assert torch.equal(got_a, want_a) and torch.equal(got_b, want_b)
     graphs.GRAPHS.clear()
