@@ -279,8 +279,8 @@ def moba_fwd(q, k, v, layout: dict, sel: torch.Tensor, lists: dict | None, top_k
             bound = triton.cdiv(T * (h1 - h0) * ksel, lists["tile_m"]) + (h1 - h0) * nb
             descs = kv_descriptors(k, v, lcfg["BLOCK_N"])
             launch(_list_fwd_kernel, (bound,),
-                q, *(descs or (k, v)), opart, lpart, lists["entries"], lists["list_ptr"], lists["tile_list"], lists["tile_first"],
-                layout["block_start"], NB=nb, LIST0=h0 * nb, LIST1=h1 * nb, HQ0=hq0, NHEADS=nh,
+                q, *(descs or (k, v)), opart, lpart, lists["entries"], lists["list_ptr"], lists["tile_list"],
+                lists["tile_first"], layout["block_start"], NB=nb, LIST0=h0 * nb, LIST1=h1 * nb, HQ0=hq0, NHEADS=nh,
                 KV_DESC=descs is not None, **strides, **const, **lcfg,
             )
         else:
