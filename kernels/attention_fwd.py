@@ -18,7 +18,8 @@ Kernels (flash-decoding's split-and-combine, with the splits given by the routin
 Both run per chunk of HC heads so the partial buffers stay bounded (about the size of q).
 
 Layouts: q, o (T, HQ, D); k, v (T, HKV, D); any token and head strides (int64 offsets), head dim contiguous
-(stride 1: ``moba_core.triton_backend`` copies a tensor whose last stride is not 1). GQA: HQ = G * HKV, k/v never
+(stride 1: ``moba_core.triton_backend`` copies a tensor whose last stride is not 1); the list kernel reads K / V
+through TMA tensor descriptors where their layout allows (``kv_descriptors``). GQA: HQ = G * HKV, k/v never
 expanded; per-head routing lists are per query head, group routing lists per KV head (a program then
 serves the G heads of its group from one K/V stream). Dtypes fp16 / bf16 / fp32 (fp32 dots: see
 ``dot_precision``). Head dim D <= 128, padded to a power of two >= 16. Selected blocks are always full

@@ -448,3 +448,26 @@ def test_dense_prefix_backward_modes(monkeypatch, lens, saved):
     monkeypatch.setenv("MOBA_DENSE_PATH", "1")
     monkeypatch.setattr(triton_backend, "dense_primitives", lambda q: TorchVarlen() if saved else None)
     check_case(lens, 4, 2, 32, 16, 3, False, torch.float32, seed=3)
+
+
+def test_kv_descriptors_apply_only_where_a_box_stays_in_one_head(monkeypatch):
+    """TMA descriptors for K / V (``kernels.attention_fwd.kv_descriptors``) only for a power-of-two head dim with
+    the heads packed in a token's row; the list forward gives the same output through them as through pointers."""
+    from kernels.attention_fwd import kv_descriptors
+
+    k = torch.zeros(64, 2, 64)
+    assert kv_descriptors(k, k, 16) is not None
+    assert kv_descriptors(torch.zeros(64, 2, 96), torch.zeros(64, 2, 96), 16) is None  # box would cross heads
+    strided = torch.zeros(64, 2, 128)[..., :64]  # heads 128 apart: not one (T, HKV * D) matrix
+    assert kv_descriptors(strided, strided, 16) is None
+    monkeypatch.setenv("MOBA_KV_DESC", "0")
+    assert kv_descriptors(k, k, 16) is None
+    lens = [100, 60]
+    q, k, v, do, cu, max_len = make_inputs(lens, 4, 2, 32, torch.float32, seed=5)
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MOBA_KV_DESC", flag)
+        outs[flag] = moba_attention(q, k, v, cu, max_len, 16, 3, backend="triton")
+    assert torch.equal(outs["0"], outs["1"])
+    ref = moba_attention(q.double(), k.double(), v.double(), cu, max_len, 16, 3, backend="reference")
+    torch.testing.assert_close(outs["1"].double(), ref, rtol=1e-5, atol=1e-5)
