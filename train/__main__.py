@@ -25,6 +25,7 @@ from .config import (
     RunConfig,
     check_known_keys,
     check_override_keys,
+    exit_on_bad_setting,
     from_checkpoint_unless_overridden,
     register_configs,
 )
@@ -66,10 +67,8 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Ru
 
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with exit_on_bad_setting():
         run_cfg = to_run_config(cfg, list(HydraConfig.get().overrides.task))
-    except ValueError as e:  # a bad setting: its message alone, not Hydra's traceback of our own check
-        raise SystemExit(f"error: {e}") from None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_deepspeed(run_cfg.device)  # before train.loop imports deepspeed
     from .loop import run
@@ -77,10 +76,8 @@ def main(cfg: DictConfig) -> float | None:
     # One launch at a time owns the run directory (and every rank has the same one): train/rundir.py.
     with claim_run_dir(run_dir, Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else None):
         # config.json keeps the full command-line overrides (and a sweep job's swept settings) beside the config.
-        try:
+        with exit_on_bad_setting(ConfigError):  # the checks that need the world size and the model's shape
             result = run(run_cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **sweep_record()})
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
     if result.get("preempted"):
         # Stopped by a signal after saving (the loop logged what it saved and how to resume): exit 128 + the
         # signal's number, once the run directory is released, so that whatever chains stages (make train, a
@@ -90,10 +87,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_bad_setting():  # a mistyped key: say so (with the closest setting) before Hydra composes anything
         check_override_keys(sys.argv[1:])
-    except ValueError as e:  # a mistyped key: say so (with the closest setting) before Hydra composes anything
-        sys.exit(f"error: {e}")
     try:
         main()
     finally:  # after every job of a sweep; also when Hydra exits with a job's error

@@ -8,6 +8,7 @@ raise ``ValueError`` naming the override to change, before any model, data or GP
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Sequence
@@ -29,6 +30,16 @@ from .eval_tasks import check_tasks
 class ConfigError(ValueError):
     """A bad setting found by a check of the run's config (the message names the setting and its value);
     ``python -m train`` prints it as ``error: ...`` without a traceback."""
+
+
+@contextlib.contextmanager
+def exit_on_bad_setting(kind: type[Exception] = ValueError):
+    """Turn a ``kind`` raised inside into ``SystemExit("error: <message>")`` (exit status 1): a bad setting is shown
+    by its message alone, not by Hydra's "Error executing job" and a traceback of our own check."""
+    try:
+        yield
+    except kind as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 @dataclass

@@ -36,7 +36,7 @@ from moba_core.varlen import cudnn_env
 
 from . import checkpoint as ckpt
 from . import eval_tasks as tasks_mod
-from .config import LayerMoBASettings, MoBASettings, RunConfig
+from .config import LayerMoBASettings, MoBASettings, RunConfig, exit_on_bad_setting
 from .eval_tasks import TASKS
 from .metrics import progress_shown
 
@@ -402,10 +402,8 @@ ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_bad_setting():
         ecfg = to_eval_config(cfg)
-    except ValueError as e:  # a bad setting: its message alone, not Hydra's traceback of our own check
-        raise SystemExit(f"error: {e}") from None
     given = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
     overrides = {k.split(".", 1)[1]: getattr(ecfg.moba, k.split(".", 1)[1]) for k in given if k.startswith("moba.")}
     evaluate_targets(ecfg, overrides)
