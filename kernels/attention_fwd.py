@@ -209,11 +209,11 @@ def _combine_fwd_kernel(
 
 def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple | None:
     """TMA tensor descriptors of k and v (T, HKV, D) seen as (T, HKV * D) with [block_n, D] boxes, or None where
-    they do not apply: ``MOBA_KV_DESC=0``, a head dim that is not a power of two >= 16 (the box would cross into the
+    they do not apply: ``MOBA_TMA=0``, a head dim that is not a power of two >= 16 (the box would cross into the
     next head), heads not packed (stride(1) != D), or a token stride / base not 16-byte aligned."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if os.environ.get("MOBA_KV_DESC", "1") == "0":
+    if os.environ.get("MOBA_TMA", "1") == "0":
         return None
     T, HKV, D = k.shape
     ok = D >= 16 and D & (D - 1) == 0 and all(

@@ -32,12 +32,14 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
         small_block = block_size <= 512
         if big:  # D 96 / 128, or fp32
             table = {
-                # session 13: blocks of 257-512 keys take 128-query list tiles, so the list dQ kernel (which
-                # shares the tile) runs 128 x 64 on 8 warps: list dQ 18.5 -> 17.3 ms at 131072:512:8
-                "list_fwd": (64, 64, 4, 3) if block_size <= 256 else (128, 64, 8, 3),
+                # session 13: blocks of 257-512 keys take 128-query list tiles (list dQ, which shares the tile,
+                # 18.5 -> 17.3 ms at 131072:512:8); session 14 sweep (TMA K/V loads, constant KSEL): list forward
+                # at block 128 5.43 -> 5.30 ms with 128 x 32 tiles, 4 stages (2x65536:128:8), list dQ at block 512
+                # 17.33 -> 16.89 ms with 128 x 32 tiles on 4 warps (131072:512:8)
+                "list_fwd": (128, 32, 4, 4) if block_size <= 256 else (128, 64, 8, 3),
                 "dkdv": (32, 64, 4, 3),
                 "dkdv_fused": (32, 128, 8, 3),
-                "list_dq": (128, 64, 8, 3) if 256 < block_size <= 512 else (128, 32, 4, 3),
+                "list_dq": (128, 32, 4, 3),
                 "diag_dq": (128, 32, 4, 3) if small_block else (128, 64, 8, 3),
                 "combine_fwd": (64, 64, 4, 3),
             }

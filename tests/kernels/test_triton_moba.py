@@ -460,13 +460,13 @@ def test_kv_descriptors_apply_only_where_a_box_stays_in_one_head(monkeypatch):
     assert kv_descriptors(torch.zeros(64, 2, 96), torch.zeros(64, 2, 96), 16) is None  # box would cross heads
     strided = torch.zeros(64, 2, 128)[..., :64]  # heads 128 apart: not one (T, HKV * D) matrix
     assert kv_descriptors(strided, strided, 16) is None
-    monkeypatch.setenv("MOBA_KV_DESC", "0")
+    monkeypatch.setenv("MOBA_TMA", "0")
     assert kv_descriptors(k, k, 16) is None
     lens = [100, 60]
     q, k, v, do, cu, max_len = make_inputs(lens, 4, 2, 32, torch.float32, seed=5)
     outs = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("MOBA_KV_DESC", flag)
+        monkeypatch.setenv("MOBA_TMA", flag)
         outs[flag] = moba_attention(q, k, v, cu, max_len, 16, 3, backend="triton")
     assert torch.equal(outs["0"], outs["1"])
     ref = moba_attention(q.double(), k.double(), v.double(), cu, max_len, 16, 3, backend="reference")
