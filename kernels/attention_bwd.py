@@ -16,7 +16,7 @@ Kernels (launched over upper bounds; surplus programs exit):
                              the G query heads of the group, when the block is sparse, and (b) every query
                              in the block's lists (one list per query head, or one per KV head under group
                              routing). Each (key tile, query tile) also adds its dQ into an fp32 accumulator
-                             (HC, T, D) with one relaxed atomic add: 5 matrix products per pair, no separate
+                             (T, HC, D) with one relaxed atomic add: 5 matrix products per pair, no separate
                              dQ pass. dK, dV are written once (a block nobody selects gets its diagonal part
                              only: exact zeros where dO is zero, never NaN).
 dK and dV are summed in the order of the lists, dQ (fused) in the order of the atomic adds: both reproducible
@@ -126,13 +126,13 @@ def _gather_rows_kernel(
         tl.store(dg_ptr + row, tl.load(delta_ptr + hq * T + t, mask=m), mask=m)
 
 
-@triton.jit(do_not_specialize=['NB', 'LIST0'])  # layout counts: one compile for every packing
+@triton.jit(do_not_specialize=['NB', 'LIST0', 'HC'])  # layout counts: one compile for every packing
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dqacc_ptr,
     qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    T, NB, DENSE_BLOCKS, qk_scale, sm_scale, HKV0, LIST0, CAP,
+    T, NB, DENSE_BLOCKS, qk_scale, sm_scale, HKV0, HC, LIST0, CAP,
     G: tl.constexpr, NLISTS: tl.constexpr, KSEL: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE, DOT_PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
     HAS_LISTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -169,7 +169,7 @@ def _dkdv_kernel(
                 t = start + offs_m
                 ddk, ddv = _bwd_tile(k, v, q_ptr + t * stride_qt + hq * stride_qh,
                                      do_ptr + t * stride_dot + hq * stride_doh, lse_ptr + hq * T + t,
-                                     delta_ptr + hq * T + t, dqacc_ptr + ((hq - HKV0 * G) * T + t) * D, rmask,
+                                     delta_ptr + hq * T + t, dqacc_ptr + (t * HC + hq - HKV0 * G) * D, rmask,
                                      qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ, True)
                 dk += ddk
                 dv += ddv
@@ -195,7 +195,7 @@ def _dkdv_kernel(
                         if FUSED_DQ:
                             t = tl.load(tg_ptr + offs_e - E0, mask=rmask, other=0).to(tl.int64)
                         ddk, ddv = _bwd_tile(k, v, qg_ptr + rows * D, dog_ptr + rows * D, lg_ptr + rows,
-                                             dg_ptr + rows, dqacc_ptr + ((hq - HKV0 * G) * T + t) * D, rmask,
+                                             dg_ptr + rows, dqacc_ptr + (t * HC + hq - HKV0 * G) * D, rmask,
                                              qk_scale, sm_scale, offs_d, dmask, cm, DOT_PREC, FUSED_DQ, False)
                         dk += ddk
                         dv += ddv
@@ -390,18 +390,19 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
             list_ptr = lists["list_ptr"]
         else:
             qg = dog = lg = dg = tg = list_ptr = delta  # unused (HAS_LISTS off)
-        # [query heads of the chunk, T, D] fp32
-        dq_acc = torch.zeros(((g1 - g0) * G, T, D), device=dev, dtype=torch.float32) if fused else delta
+        # [T, query heads of the chunk, D] fp32: the layout of dq, so the final copy is a plain strided one
+        dq_acc = torch.zeros((T, (g1 - g0) * G, D), device=dev, dtype=torch.float32) if fused else delta
         launch(_dkdv_kernel, (nb * triton.cdiv(block_size, cfg["BLOCK_N"]), g1 - g0),
             q, k, v, do, lse, delta, dk, dv, dq_acc, qg, dog, lg, dg, tg, list_ptr,
             layout["block_start"], layout["block_len"], layout["block_first"],
             stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
-            NB=nb, DENSE_BLOCKS=dense_blocks, sm_scale=softmax_scale, HKV0=g0, LIST0=hr0 * nb, CAP=cap,
+            NB=nb, DENSE_BLOCKS=dense_blocks, sm_scale=softmax_scale, HKV0=g0, HC=(g1 - g0) * G, LIST0=hr0 * nb,
+            CAP=cap,
             NLISTS=1 if group_routing else G, FUSED_DQ=fused, HAS_LISTS=ksel > 0, **strides, **const, **cfg,
         )
         del qg, dog, lg, dg, tg
         if fused:
-            dq[:, g0 * G:g1 * G].copy_(dq_acc.transpose(0, 1))
+            dq[:, g0 * G:g1 * G].copy_(dq_acc)
         del dq_acc
     if fused:
         return
