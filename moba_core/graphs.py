@@ -52,12 +52,23 @@ def graphs_enabled(q: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
+def moba_environment() -> tuple:
+    """The ``MOBA_*`` environment variables (name, value) but ``MOBA_CUDA_GRAPH*``, sorted: the settings a captured
+    call may depend on. Read from ``os.environ``'s underlying mapping where it is a plain dict (POSIX: bytes keys),
+    which skips decoding every variable: about 5 instead of 36 us per call on a 35-variable environment, paid by
+    every graphed call."""
+    raw = getattr(os.environ, "_data", None)
+    if os.supports_bytes_environ and isinstance(raw, dict):
+        return tuple(sorted(kv for kv in raw.items()
+                            if kv[0][:5] == b"MOBA_" and not kv[0].startswith(b"MOBA_CUDA_GRAPH")))
+    return tuple(sorted((n, v) for n, v in os.environ.items()
+                        if n.startswith("MOBA_") and not n.startswith("MOBA_CUDA_GRAPH")))
+
+
 def graph_key(q, k, lens, block_size: int, top_k: int, scale: float, group_routing: bool) -> tuple:
     """The shape key of a call: everything its captured work depends on besides the values of q, k, v."""
-    env = tuple(sorted((n, v) for n, v in os.environ.items()
-                       if n.startswith("MOBA_") and not n.startswith("MOBA_CUDA_GRAPH")))
     return (tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(lens), block_size, top_k, float(scale),
-            bool(group_routing), torch.are_deterministic_algorithms_enabled(), env)
+            bool(group_routing), torch.are_deterministic_algorithms_enabled(), moba_environment())
 
 
 def _static_like(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ the reference; the real capture and replay are checked on the GPU (``-m gpu``)."
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -71,6 +72,20 @@ def test_graphs_enabled_reads_its_settings(monkeypatch):
         monkeypatch.setenv("MOBA_CUDA_GRAPH_MAX_TOKENS", bad)
         with pytest.raises(ValueError, match="MOBA_CUDA_GRAPH_MAX_TOKENS must be a positive integer"):
             graphs.graphs_enabled(q)
+
+
+def test_moba_environment_is_the_moba_variables_of_os_environ(monkeypatch):
+    """``graphs.moba_environment`` reads os.environ's raw mapping: the same variables as a scan of os.environ."""
+    monkeypatch.setenv("MOBA_TEST_SETTING", "x=1")
+    monkeypatch.setenv("MOBA_CUDA_GRAPHS", "1")
+    monkeypatch.setenv("NOT_MOBA_TEST", "2")
+    got = {(n.decode() if isinstance(n, bytes) else n, v.decode() if isinstance(v, bytes) else v)
+           for n, v in graphs.moba_environment()}
+    want = {(n, v) for n, v in os.environ.items() if n.startswith("MOBA_") and not n.startswith("MOBA_CUDA_GRAPH")}
+    assert got == want and ("MOBA_TEST_SETTING", "x=1") in got
+    monkeypatch.setenv("MOBA_TEST_SETTING", "x=2")
+    assert ("MOBA_TEST_SETTING", "x=2") in {(n.decode(), v.decode()) if isinstance(n, bytes) else (n, v)
+                                           for n, v in graphs.moba_environment()}
 
 
 def test_shape_key_covers_the_settings_the_capture_depends_on(monkeypatch):
