@@ -129,7 +129,7 @@ def _gather_rows_kernel(
 @triton.jit(do_not_specialize=['NB', 'LIST0', 'HC'])  # layout counts: one compile for every packing
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dqacc_ptr,
-    qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr,
+    qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr, order_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     T, NB, DENSE_BLOCKS, qk_scale, sm_scale, HKV0, HC, LIST0, CAP,
@@ -140,7 +140,7 @@ def _dkdv_kernel(
     NKT = tl.cdiv(BLOCK_SIZE, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
     hkv = HKV0 + tl.program_id(1).to(tl.int64)
-    blk = pid // NKT
+    blk = tl.load(order_ptr + pid // NKT).to(tl.int64)  # longest lists first (``block_layout``'s work_order)
     n0 = (pid % NKT) * BLOCK_N
     blen = tl.load(block_len_ptr + blk)
     if n0 >= blen:
@@ -394,7 +394,7 @@ def moba_bwd(do, q, k, v, o, lse, layout: dict, sel, lists: dict | None, top_k: 
         dq_acc = torch.zeros((T, (g1 - g0) * G, D), device=dev, dtype=torch.float32) if fused else delta
         launch(_dkdv_kernel, (nb * triton.cdiv(block_size, cfg["BLOCK_N"]), g1 - g0),
             q, k, v, do, lse, delta, dk, dv, dq_acc, qg, dog, lg, dg, tg, list_ptr,
-            layout["block_start"], layout["block_len"], layout["block_first"],
+            layout["block_start"], layout["block_len"], layout["block_first"], layout["work_order"],
             stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
             NB=nb, DENSE_BLOCKS=dense_blocks, sm_scale=softmax_scale, HKV0=g0, HC=(g1 - g0) * G, LIST0=hr0 * nb,
             CAP=cap,

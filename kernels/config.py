@@ -50,7 +50,9 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
                 "dkdv_fused": (32, 128, 8, 2),
                 "list_dq": (128, 64, 4, 3),
                 "diag_dq": (64, 32, 4, 3),
-                "combine_fwd": (128, 64, 4, 3),  # session 10: 3.60 -> 3.33 ms at 131072:512:8, 32/8 heads
+                # session 15: with the one-ahead partial loads, 64-row tiles (128 rows: 3.19 -> 3.61 ms; 64: 2.99 ms
+                # at 131072:512:8, 32/8 heads)
+                "combine_fwd": (64, 64, 4, 3),
             }
         bm, bn, w, s = {**table, "route": (64, 32, 4, 2)}[name]
         if dtype == torch.float32 and name != "route":

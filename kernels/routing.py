@@ -167,8 +167,14 @@ def block_layout(lens: list[int], block_size: int, dense_blocks: int, device) ->
     Returns:
         dict with device tensors ``block_start`` int64 (NB,), ``block_len`` int32 (NB,), ``block_first``
         int32 (NB,) (first block of the block's document: a block's candidates are ``[block_first, blk)``),
-        ``sparse_blocks`` int32 (NS,) ids of the sparse blocks, and host values ``NB``, ``NS``,
-        ``dense_segments`` (list of (first token, length) of each document's dense prefix, length > 0).
+        ``sparse_blocks`` int32 (NS,) ids of the sparse blocks, ``work_order`` int32 (NB,) every block id,
+        the ones expected to be selected most first, and host values ``NB``, ``NS``, ``dense_segments`` (list of
+        (first token, length) of each document's dense prefix, length > 0).
+
+    ``work_order`` is the longest-first order of the backward's key-block programs (one per block, each over
+    the queries that selected it): a query of local block c picks its blocks among c candidates, so block b of
+    a document is expected to be picked by ``sum(1 / c for later blocks c)`` of a block's queries. In packing
+    order a later document's first blocks (the longest lists) would start last and run alone at the end.
     """
     lens_np = np.asarray(lens, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens_np)[:-1]]) if len(lens_np) else np.zeros(0, np.int64)
@@ -180,11 +186,16 @@ def block_layout(lens: list[int], block_size: int, dense_blocks: int, device) ->
     bstart = starts[doc] + local * block_size
     blen = np.minimum(block_size, lens_np[doc] - local * block_size)
     sparse = np.nonzero(local >= dense_blocks)[0]
-    packed = torch.from_numpy(np.concatenate([bstart, blen, first[doc], sparse]).astype(np.int64)).to(device)
+    # expected selections of each block: H(n - 1) - H(b) = sum of 1 / c over the later blocks c of its document
+    # (harmonic numbers from one table, so equal (n, b) give equal keys in every document and ties keep block order)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, max(int(nblk.max(initial=0)), 1)))])
+    order = np.argsort(-(harmonic[nblk[doc] - 1] - harmonic[local]), kind="stable")
+    packed = torch.from_numpy(np.concatenate([bstart, blen, first[doc], sparse, order]).astype(np.int64)).to(device)
     dense_len = np.minimum(lens_np, dense_blocks * block_size)
     return dict(
         block_start=packed[:nb], block_len=packed[nb:2 * nb].to(torch.int32),
-        block_first=packed[2 * nb:3 * nb].to(torch.int32), sparse_blocks=packed[3 * nb:].to(torch.int32),
+        block_first=packed[2 * nb:3 * nb].to(torch.int32), work_order=packed[-nb:].to(torch.int32) if nb else packed[:0],
+        sparse_blocks=packed[3 * nb:3 * nb + sparse.size].to(torch.int32),
         NB=nb, NS=int(sparse.size),
         dense_segments=[(int(s), int(n)) for s, n in zip(starts, dense_len) if n > 0],
     )

@@ -2,14 +2,15 @@
 # A/B of a kernel patch on the GPU: the working tree's kernels against the same with the patch applied, each timed by
 # launch/ab_kernels.py in its own process, old / new / new / old; prints the ratio table (new / old). The base is the
 # working tree (not `git archive HEAD`: a copy of the tree sent to a GPU machine may carry a stale .git).
-#   bash launch/ab_patch.sh PATCH [ab_kernels.py options, e.g. --backward --reps 3]   (PATCH: a git diff of kernels/ or moba_core/)
+#   bash launch/ab_patch.sh PATCH [ab_kernels.py options, e.g. --backward --reps 3]   (PATCH: a git diff; its hunks outside kernels/ and moba_core/ are skipped)
 set -euo pipefail
 patch_file=$(realpath "$1"); shift
 work=$(mktemp -d); out=${OUT:-$work}
 mkdir -p "$work/old" "$work/new" "$out"
 cp -r moba_core kernels "$work/old/"
 cp -r moba_core kernels "$work/new/"
-patch -s -p1 -d "$work/new" < "$patch_file"
+# only the hunks of the copied code (a patch may also carry its tests)
+(cd "$work/new" && git apply --include='kernels/*' --include='moba_core/*' "$patch_file")
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 i=0
 for tag in old new new old; do

@@ -195,6 +195,18 @@ def test_routing_selection_matches_definition():
         assert got_count > 0
 
 
+def test_work_order_puts_the_most_selectable_blocks_first():
+    """``block_layout``'s work_order, hand-worked for documents of 3 and 2 blocks (block 16): block b of a document
+    is expected to be picked by sum(1 / c) over its later blocks c: doc 1 blocks 0, 1, 2 -> 1 + 1/2, 1/2, 0; doc 2
+    blocks 3, 4 -> 1, 0. Longest first, ties in block order."""
+    layout = kernels.block_layout([48, 20], 16, 0, "cpu")
+    assert layout["work_order"].tolist() == [0, 3, 1, 2, 4]
+    assert kernels.block_layout([48, 48], 16, 0, "cpu")["work_order"].tolist() == [0, 3, 1, 4, 2, 5]
+    assert kernels.block_layout([768] * 6, 16, 0, "cpu")["work_order"][:6].tolist() == [0, 48, 96, 144, 192, 240]
+    assert layout["sparse_blocks"].tolist() == [0, 1, 2, 3, 4]
+    assert kernels.block_layout([0], 16, 0, "cpu")["work_order"].numel() == 0
+
+
 def test_routing_ties_pick_the_earliest_blocks():
     """Equal scores (identical keys: every block mean equal, exact under the interpreter) select the lowest block
     indices, whichever chunk of candidates they fall in; -0.0 and +0.0 scores tie too (zero queries)."""
