@@ -107,15 +107,35 @@ def _read_files(root: Path, files: list[Path]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"name": names, "text": texts})
 
 
+def _table_error(path: Path, cause: Exception | None) -> ValueError:
+    """The error for a table file that `datasets` could not read as text rows: the first bad row as `python -m
+    data.prepare`'s row checks name it (`sources.read_rows`: file, line, field), else the reader's own error."""
+    from .sources import Source, read_rows  # sources imports this module
+
+    try:
+        for _ in read_rows(Source(path=str(path))):  # raises ValueError at the first row it cannot take
+            pass
+    except ValueError as e:  # "<file> line 7 field 'text': ..." -> "data.path=<file>: line 7 field 'text': ..."
+        msg = str(e)
+        return ValueError(f"data.path={path}: {msg.removeprefix(f'{path} ')}")
+    detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    return ValueError(f"data.path={path}: cannot be read as a {path.suffix[1:]} table of text rows{detail}")
+
+
 def _read_table(path: Path, cache_dir: Path | None) -> datasets.Dataset:
-    ds = datasets.load_dataset(
-        TABLE_SUFFIXES[path.suffix],
-        data_files=str(path),
-        split="train",
-        cache_dir=str(cache_dir / "hf") if cache_dir else None,
-    )
+    try:
+        ds = datasets.load_dataset(
+            TABLE_SUFFIXES[path.suffix],
+            data_files=str(path),
+            split="train",
+            cache_dir=str(cache_dir / "hf") if cache_dir else None,
+        )
+    except Exception as e:  # pyarrow / datasets raise ArrowInvalid, DatasetGenerationError, ... for a bad row
+        raise _table_error(path, e) from e
     if "text" not in ds.column_names:
         raise ValueError(f"data.path={path} has no 'text' column (columns: {ds.column_names})")
+    if getattr(ds.features["text"], "dtype", None) not in ("string", "large_string", "null"):
+        raise _table_error(path, None)  # e.g. numbers in every row's text field
     id_column = next((c for c in ("name", "id") if c in ds.column_names), None)
     names = [str(x) for x in ds[id_column]] if id_column else [f"{path.name}#{i}" for i in range(len(ds))]
     return datasets.Dataset.from_dict({"name": names, "text": [t or "" for t in ds["text"]]})

@@ -221,7 +221,7 @@ def _json_object(line: str, where: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"{where}: not valid JSON ({e.msg}; column {e.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -255,7 +255,7 @@ def _read_json(path: Path, field: str) -> Iterator[tuple]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}; column {e.colno})") from None
     for i, obj in enumerate(rows):
         where = f"{path} row {i}"
         if not isinstance(obj, dict):

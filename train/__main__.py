@@ -12,6 +12,7 @@ A launch stopped by SIGTERM / SIGUSR1 / SIGINT saves a checkpoint and exits with
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,11 +66,32 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Ru
         raise
 
 
+def drop_if_untouched(run_dir: Path) -> None:
+    """Remove ``run_dir`` when a launch refused before any work left nothing in it but Hydra's job log (the folder
+    Hydra made for it): repeated mistakes leave no trail of empty run folders. A folder with anything else (an
+    earlier run's records or checkpoints) is kept as it is."""
+    try:
+        names = {p.name for p in run_dir.iterdir()}
+    except OSError:
+        return
+    if names <= {"__main__.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return _main(cfg, run_dir)
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("error: "):  # a refused setting (exit_on_bad_setting)
+            drop_if_untouched(run_dir)
+        raise
+
+
+def _main(cfg: DictConfig, run_dir: Path) -> float | None:
     with exit_on_bad_setting():
         run_cfg = to_run_config(cfg, list(HydraConfig.get().overrides.task))
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     quiet_deepspeed(run_cfg.device)  # before train.loop imports deepspeed
     from .loop import run
 

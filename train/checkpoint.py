@@ -160,7 +160,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, rank:
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     """Where to resume from: ``resume=auto`` (latest in ``ckpt_dir``, or None), ``none``, or a path to
-    a checkpoint dir (its ``latest``) or a tag dir inside one.
+    a checkpoint dir (its ``latest``), a tag dir inside one, or a run directory (the newest checkpoint of its
+    ``checkpoints/``, as ``python -m train.eval`` / ``train.export`` take a run directory).
 
     Raises:
         ValueError: ``resume`` is a path without a checkpoint, or names a tag that cannot be loaded (a file
@@ -182,6 +183,10 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         tag = latest_tag(p)
         if tag:
             return p, tag
+    if (p / "checkpoints").is_dir() and not TAG_RE.match(p.name):  # a run directory
+        tag = latest_tag(p / "checkpoints")
+        if tag:
+            return p / "checkpoints", tag
     if p.is_dir() and TAG_RE.match(p.name):
         problem = tag_problem(p)
         if problem:
@@ -193,7 +198,8 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         have = f"; {parent} holds {', '.join(tags)}" if tags else ""
         raise ValueError(f"resume={resume!r} does not exist{have} (resume=auto takes the newest checkpoint of the run "
                          "directory)")
-    raise ValueError(f"resume={resume!r} is neither auto, none, nor a checkpoint directory")
+    raise ValueError(f"resume={resume!r} is neither auto, none, a run directory with checkpoints, a checkpoint "
+                     "directory (a run's checkpoints/) nor one of its step_* folders")
 
 
 # Settings a resumed run must share with its checkpoint (the model's shape and the data order).

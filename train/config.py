@@ -33,6 +33,19 @@ class ConfigError(ValueError):
 
 
 @contextlib.contextmanager
+def as_config_error():
+    """Turn a ``ValueError`` raised inside into a ``ConfigError`` with the same message: for the setup steps of a
+    run (resume, data, tokenizer, model) that read the user's settings and files, whose errors name the setting
+    and value at fault, so that ``python -m train`` shows ``error: ...`` rather than a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+@contextlib.contextmanager
 def exit_on_bad_setting(kind: type[Exception] = ValueError):
     """Turn a ``kind`` raised inside into ``SystemExit("error: <message>")`` (exit status 1): a bad setting is shown
     by its message alone, not by Hydra's "Error executing job" and a traceback of our own check."""

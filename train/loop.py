@@ -19,7 +19,7 @@ from moba_core.hf import apply_moba, set_moba_layers
 
 from . import checkpoint as ckpt
 from . import data_identity
-from .config import ADAMW_IMPLEMENTATIONS, ConfigError, RunConfig
+from .config import ADAMW_IMPLEMENTATIONS, RunConfig, as_config_error
 from .distributed import DistInfo, device_type, init_distributed, world_from_env
 from .eval import tasks_during_training
 from .export import moba_record, set_plain_file_modes
@@ -256,24 +256,24 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     # Every rank checks the same things before any collective or GPU work: an error on one rank only
     # would leave the others waiting in an all-to-all.
     rank, world_size, _ = world_from_env()
-    try:
+    # Errors of the setup steps (the settings, the checkpoint to resume, the data, the tokenizer, the model) name the
+    # setting at fault: ConfigError, shown as "error: ..." by python -m train.
+    with as_config_error():
         cfg.check(world_size=world_size, shape=model_shape(cfg.model))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if rank == 0:  # once per run, not once per process
-        for warning in cfg.warnings():
-            log.warning(warning)
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
-    run_config = {**config_dict, "world_size": world_from_env()[1]}
-    if resume is not None:
-        ckpt.check_resume_compatible(resume[0], resume[1], run_config)
-    # The run's corpus and tokenizer stay the ones it started with (data_identity.py).
-    saved_data = data_identity.saved_identity(*resume) if resume is not None else None
-    data_identity.check_corpus_unchanged(saved_data, cfg.data.path)
-    tokenizer_spec = data_identity.tokenizer_spec(cfg.data.tokenizer, cfg.model.name_or_path, saved_data)
-    check_tokenizer_fits(cfg.model, tokenizer_spec, "data.tokenizer" if cfg.data.tokenizer else
-                         "model.name_or_path" if cfg.model.name_or_path else "the run's stored tokenizer")
+        if rank == 0:  # once per run, not once per process
+            for warning in cfg.warnings():
+                log.warning(warning)
+        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+        resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
+        run_config = {**config_dict, "world_size": world_from_env()[1]}
+        if resume is not None:
+            ckpt.check_resume_compatible(resume[0], resume[1], run_config)
+        # The run's corpus and tokenizer stay the ones it started with (data_identity.py).
+        saved_data = data_identity.saved_identity(*resume) if resume is not None else None
+        data_identity.check_corpus_unchanged(saved_data, cfg.data.path)
+        tokenizer_spec = data_identity.tokenizer_spec(cfg.data.tokenizer, cfg.model.name_or_path, saved_data)
+        check_tokenizer_fits(cfg.model, tokenizer_spec, "data.tokenizer" if cfg.data.tokenizer else
+                             "model.name_or_path" if cfg.model.name_or_path else "the run's stored tokenizer")
     # before any data or distributed work: a bad value, or an architecture Liger-Kernel does not patch, fails now
     fused_ops = fused_ops_enabled(cfg.model.fused_ops, torch.device(device_type(cfg.device)), model_type_of(cfg.model))
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
@@ -293,11 +293,13 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                        documents=d.documents)
     if not info.is_main:
         dist.barrier()
-    train_ds, tokenizer = build_data(split="train", **data_kwargs)
-    val_ds, _ = build_data(split="val", **data_kwargs)
+    with as_config_error():
+        train_ds, tokenizer = build_data(split="train", **data_kwargs)
+        val_ds, _ = build_data(split="val", **data_kwargs)
     if info.is_main:
         dist.barrier()
-    data_identity.check_tokenizer_unchanged(saved_data, tokenizer, tokenizer_spec)  # on every rank
+    with as_config_error():
+        data_identity.check_tokenizer_unchanged(saved_data, tokenizer, tokenizer_spec)  # on every rank
     given = None  # where the tokenizer comes from when it is not trained on the corpus
     if is_prepared(d.path):
         given = f"data.path={d.path} (prepared)"
@@ -317,7 +319,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
                                   dp_size=info.dp_size, shuffle=False)
 
     # Model.
-    lm = build_model(cfg.model, tokenizer.vocab_size)
+    with as_config_error():
+        lm = build_model(cfg.model, tokenizer.vocab_size)
     num_layers = lm.config.num_hidden_layers
     moba_cfg = cfg.moba.to_moba_config()
     schedule = cfg.schedule.to_schedule()
@@ -350,7 +353,8 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
 
     step, tokens = 0, 0
     if resume is not None:
-        state = ckpt.load(engine, resume[0], resume[1], info.rank)
+        with as_config_error():
+            state = ckpt.load(engine, resume[0], resume[1], info.rank)
         step, tokens = int(state["step"]), int(state["tokens"])
         follow_schedule(scheduler, cfg.optim.lr)  # a changed train.max_steps / optim.lr applies from this step
         follow_optim_settings(optimizer, cfg.optim, adamw)  # and a changed optim.implementation, betas, eps, ...

@@ -63,6 +63,12 @@ def test_stdlib_corpus_one_document_per_module():
         pytest.param("x.csv", "a,b\n", "must end in", id="bad-suffix"),
         pytest.param("x.jsonl", '{"body": "a"}\n', "no 'text' column", id="no-text-column"),
         pytest.param("x.jsonl", '{"text": " "}\n', "yields no documents", id="blank-jsonl"),
+        # rows the table reader cannot take: the first bad row, named as python -m data.prepare names it
+        pytest.param("x.jsonl", '{"text": "a"}\n{"text": 5}\n', "x.jsonl: line 2 field 'text': expected a string",
+                     id="mixed-types"),
+        pytest.param("x.jsonl", '{"text": 5}\n{"text": 7}\n', "x.jsonl: line 1 field 'text': expected a string",
+                     id="numbers-only"),
+        pytest.param("x.jsonl", '{"text": "a"}\n{"text": "b', "x.jsonl: line 2: not valid JSON", id="truncated"),
     ],
 )
 def test_bad_path_names_the_setting(tmp_path, name, content, message):

@@ -71,6 +71,53 @@ def test_bad_setting_fails_before_training(tmp_path, data_cache, override, messa
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        pytest.param("non-string", "bad.jsonl: line 2 field 'text': expected a string, got int 5", id="non-string"),
+        pytest.param("truncated", "bad.jsonl: line 2: not valid JSON (Unterminated string", id="truncated"),
+        pytest.param("missing", "bad.jsonl does not exist", id="missing"),
+        pytest.param("empty-dir", "yields no documents (looked for *.txt", id="empty-dir"),
+        pytest.param("tokenizer", "data.tokenizer: the tokenizer", id="tokenizer"),
+    ],
+)
+def test_bad_data_fails_with_the_message_alone(tmp_path, data_cache, case, message):
+    """Errors found while reading the data or the tokenizer name the file, line and setting, and come as
+    ``error: ...`` (exit status 1) without a traceback; the refused launch leaves no run folder behind."""
+    bad = tmp_path / "bad.jsonl"
+    args = [f"data.path={bad}"]
+    if case == "non-string":
+        bad.write_text('{"text": "fine"}\n{"text": 5}\n')
+    elif case == "truncated":
+        bad.write_text('{"text": "fine"}\n{"text": "cut o')
+    elif case == "empty-dir":
+        (tmp_path / "empty").mkdir()
+        args = [f"data.path={tmp_path / 'empty'}"]
+    elif case == "tokenizer":
+        args = [f"data.tokenizer={tmp_path / 'no_tokenizer'}"]
+    run_dir = tmp_path / "run"
+    proc = run_train(args + ["train.max_steps=1"], run_dir, data_cache, check=False)
+    assert proc.returncode == 1
+    assert "error: " in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_resume_errors_come_without_a_traceback_and_a_run_directory_resumes(tmp_path, data_cache):
+    """A resume that cannot go on (changed model shape, a path that holds no checkpoint) is an ``error: ...``;
+    ``resume=<run dir>`` takes that run's newest checkpoint, as eval / export take a run directory."""
+    first = tmp_path / "first"
+    run_train(["train.max_steps=2", "checkpoint.every=2"], first, data_cache)
+    for args, message in (([f"resume={first}", "model.hidden_size=128"], "model.hidden_size=64 there, 128 now"),
+                          ([f"resume={tmp_path}"], "is neither auto, none, a run directory with checkpoints")):
+        proc = run_train(["train.max_steps=3", *args], tmp_path / "second", data_cache, check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "second").exists()
+    proc = run_train(["train.max_steps=3", f"resume={first}"], tmp_path / "second", data_cache)
+    assert f"resumed from {first / 'checkpoints' / 'step_00000002'} at step 2" in proc.stdout + proc.stderr
+    assert [m["step"] for m in read_metrics(tmp_path / "second")] == [3]
+
+
 def test_bad_cudnn_environment_fails_before_the_model_is_built(tmp_path, data_cache, monkeypatch):
     """MOBA_CUDNN_MIN_SEQLEN=4k: moba_core.varlen.cudnn_env's error, raised by the config check before data and
     model (it used to come from the first attention call, after "model ops: ..." was logged)."""
@@ -86,7 +133,7 @@ def test_resume_none_refuses_to_overwrite_and_changed_settings_are_named(tmp_pat
     run_dir = tmp_path / "run"
     run_train(["train.max_steps=2", "checkpoint.every=1", "train.eval_every=1"], run_dir, data_cache)
     proc = run_train(["train.max_steps=3", "resume=none"], run_dir, data_cache, check=False)
-    assert proc.returncode != 0 and "resume=none but" in proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "error: resume=none but" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_train(["train.max_steps=3", "data.seq_len=512"], run_dir, data_cache, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "data.seq_len=256 there, 512 now" in out

@@ -215,8 +215,22 @@ def test_resume_from_a_path_that_does_not_exist_says_so_and_lists_the_checkpoint
     with pytest.raises(ValueError, match=r"resume='.*nowhere' does not exist \(resume=auto"):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
     (tmp_path / "notes.txt").write_text("x")  # a path that exists but holds no checkpoint
-    with pytest.raises(ValueError, match="is neither auto, none, nor a checkpoint directory"):
+    with pytest.raises(ValueError, match="is neither auto, none, a run directory with checkpoints, a checkpoint "
+                                         "directory"):
         ckpt.resolve_resume(str(tmp_path / "notes.txt"), tmp_path)
+
+
+def test_resume_from_a_run_directory_takes_its_newest_loadable_checkpoint(tmp_path):
+    """``resume=<run dir>`` (as eval / export take it): the newest complete checkpoint of ``<run dir>/checkpoints``;
+    a run directory without one is refused like any path that holds no checkpoint."""
+    run = tmp_path / "run"
+    fake_tag(run / "checkpoints", 3)
+    truncate(fake_tag(run / "checkpoints", 5) / "rng_rank0.pt")
+    assert ckpt.resolve_resume(str(run), tmp_path / "elsewhere") == (run / "checkpoints", "step_00000003")
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match="a run directory with checkpoints"):
+        ckpt.resolve_resume(str(empty), tmp_path / "elsewhere")
 
 
 def test_resuming_with_other_documents_is_refused_naming_data_documents(tmp_path):
