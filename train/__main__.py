@@ -30,7 +30,7 @@ from .config import (
     from_checkpoint_unless_overridden,
     register_configs,
 )
-from .distributed import quiet_deepspeed, shutdown_distributed
+from .distributed import quiet_deepspeed, shutdown_distributed, world_from_env
 from .preemption import exit_status
 from .rundir import claim_run_dir, register_resolvers
 from .sweep import register_resolvers as register_sweep_resolvers
@@ -90,8 +90,12 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _main(cfg: DictConfig, run_dir: Path) -> float | None:
+    overrides = list(HydraConfig.get().overrides.task)
     with exit_on_bad_setting():
-        run_cfg = to_run_config(cfg, list(HydraConfig.get().overrides.task))
+        run_cfg = to_run_config(cfg, overrides)
+    if world_from_env()[0] == 0:
+        for warning in run_cfg.schedule.unused_overrides(overrides):
+            log.warning(warning)
     quiet_deepspeed(run_cfg.device)  # before train.loop imports deepspeed
     from .loop import run
 

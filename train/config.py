@@ -212,6 +212,25 @@ class ScheduleConfig:
         order = self.order if isinstance(self.order, str) else list(self.order)
         return Schedule(self.name, self.switch_fraction, self.start_fraction, self.end_fraction, order, self.reverse)
 
+    # the fields each schedule reads (moba_core.schedule.Schedule); the others do nothing under it
+    FIELDS_READ = {"moba": (), "full": (), "full_then_moba": ("switch_fraction",),
+                   "moba_then_full": ("switch_fraction",), "gradual": ("start_fraction", "end_fraction", "order", "reverse")}
+
+    def unused_overrides(self, overrides: Sequence[str]) -> list[str]:
+        """Warnings for ``schedule.<field>=...`` given on the command line (``overrides``, Hydra's form) that the
+        chosen schedule does not read, e.g. ``schedule.start_fraction=0.5`` with ``schedule=moba``: the run
+        would otherwise go on as if it had not been given."""
+        out = []
+        readers = {f: [n for n, read in self.FIELDS_READ.items() if f in read] for f in self.__dataclass_fields__}
+        for o in overrides:
+            key, _, value = o.lstrip("+~").partition("=")
+            field_name = key.removeprefix("schedule.")
+            if key.startswith("schedule.") and field_name in readers and field_name != "name" \
+                    and field_name not in self.FIELDS_READ.get(self.name, ()):
+                out.append(f"{key}={value} has no effect with schedule={self.name} (read only by schedule="
+                           f"{' / '.join(readers[field_name])})")
+        return out
+
 
 @dataclass
 class DataConfig:

@@ -159,6 +159,28 @@ def test_warnings_name_an_empty_schedule_phase_and_a_warmup_that_never_ends():
     assert "optim.warmup_steps=20 >= train.max_steps=10" in msg and "0.50 x optim.lr" in msg  # lr_lambda(9) = 10/20
 
 
+@pytest.mark.parametrize(
+    "overrides,expect",
+    [
+        pytest.param(["schedule=moba", "schedule.start_fraction=0.5"],
+                     ["schedule.start_fraction=0.5 has no effect with schedule=moba (read only by schedule=gradual)"],
+                     id="moba-start"),
+        pytest.param(["schedule=gradual", "schedule.switch_fraction=0.3", "schedule.end_fraction=0.8"],
+                     ["schedule.switch_fraction=0.3 has no effect with schedule=gradual (read only by "
+                      "schedule=full_then_moba / moba_then_full)"], id="gradual-switch"),
+        pytest.param(["schedule=full_then_moba", "schedule.switch_fraction=0.3", "schedule.reverse=true"],
+                     ["schedule.reverse=true has no effect with schedule=full_then_moba (read only by "
+                      "schedule=gradual)"], id="two-phase-reverse"),
+        pytest.param(["schedule=gradual", "schedule.start_fraction=0.2", "schedule.order=last_to_first"], [],
+                     id="all-read"),
+    ],
+)
+def test_schedule_settings_the_schedule_does_not_read_are_named(overrides, expect):
+    """A ``schedule.*`` field given on the command line that the chosen schedule ignores: a warning naming it and
+    the schedules that read it (the group files' own values are not the user's and are not reported)."""
+    assert _composed(*overrides).schedule.unused_overrides(overrides) == expect
+
+
 def test_unused_vocab_size_is_named():
     """data.vocab_size sizes only a tokenizer trained on the corpus: set while the tokenizer comes from elsewhere
     with another vocabulary, it is reported; at its default or equal to the tokenizer's vocabulary, not."""
