@@ -134,7 +134,10 @@ def parse_sources(sources, path: str | None, text_field: str = "text", length_up
     out, names = [], set()
     for i, spec in enumerate(sources):
         if not isinstance(spec, dict) or "path" not in spec:
-            raise ValueError(f"{where(i)}={spec!r} must be a mapping with a 'path' key")
+            glued = isinstance(spec, dict) and any(":" in str(k) and v is None for k, v in spec.items())
+            hint = (" (YAML reads `path:x` without a space after the colon as one key: write `path: x`)"
+                    if glued else "")
+            raise ValueError(f"{where(i)}={spec!r} must be a mapping with a 'path' key{hint}")
         unknown = set(spec) - {"path", "weight", "text_field", "name", "length_upsample"}
         if unknown:
             raise ValueError(f"{where(i)} has unknown keys {sorted(unknown)} (known: path, weight, text_field, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
@@ -524,7 +525,8 @@ def check_override_keys(overrides: Sequence[str], schema: type = RunConfig) -> N
     """Refuse a command-line override ``a.b.c=value`` whose key the schema does not have, before Hydra composes
     the config (Hydra's own error for it only suggests ``+a.b.c=value``, which ``check_known_keys`` then refuses).
     Flags (``-m``), additions and deletions (``+`` / ``~``), ``hydra.*`` keys and group choices without a dot
-    (``model=tiny``) are left to Hydra; the check stops at a field that is not a dataclass (``moba.layers``).
+    (``model=tiny``) are left to Hydra; the check stops at a field that is not a dataclass, except that the
+    entries of a list of dataclasses (``moba.layers=[{layer: 0, blok_size: 64}]``) have their keys checked too.
 
     Raises:
         ValueError: as ``check_known_keys``: the unknown key, the closest known one and the group's settings.
@@ -538,9 +540,37 @@ def check_override_keys(overrides: Sequence[str], schema: type = RunConfig) -> N
             known = {f.name: f for f in fields(current)}
             if part not in known:
                 raise _unknown_key(part, known, prefix)
+            entry = _list_entry_type(current, part)
             current, prefix = known[part].default_factory, f"{prefix}{part}."
+            if entry is not None:
+                _check_entry_keys(override, entry, prefix.rstrip("."))
             if not is_dataclass(current):
                 break
+
+
+def _list_entry_type(schema: type, name: str) -> type | None:
+    """The dataclass of the entries of ``schema.name`` when it is a ``list[<dataclass>]``, else None."""
+    hint = typing.get_type_hints(schema).get(name)
+    if typing.get_origin(hint) is list:
+        (arg,) = typing.get_args(hint) or (None,)
+        return arg if is_dataclass(arg) else None
+    return None
+
+
+def _check_entry_keys(override: str, entry: type, key: str) -> None:
+    """Refuse an unknown key in an entry of a list-of-dataclass override (``moba.layers=[{layer: 0, blok_size: 64}]``):
+    Hydra's own error for it suggests ``+moba.layers=...``, which is no fix."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_overrides([override])[0].value()
+    except Exception:  # noqa: BLE001 - a value Hydra cannot parse: its own error says where
+        return
+    known = {f.name: f for f in fields(entry)}
+    for i, item in enumerate(value if isinstance(value, list) else []):
+        for k in item if isinstance(item, dict) else []:
+            if k not in known:
+                raise _unknown_key(str(k), known, f"{key}[{i}].")
 
 
 def from_checkpoint_unless_overridden(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:

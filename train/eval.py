@@ -36,7 +36,7 @@ from moba_core.varlen import cudnn_env
 
 from . import checkpoint as ckpt
 from . import eval_tasks as tasks_mod
-from .config import LayerMoBASettings, MoBASettings, RunConfig, exit_on_bad_setting
+from .config import LayerMoBASettings, MoBASettings, RunConfig, check_override_keys, exit_on_bad_setting
 from .eval_tasks import TASKS
 from .metrics import progress_shown
 
@@ -411,4 +411,6 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = sys.argv[:1] + _targets_from_argv(sys.argv[1:])
+    with exit_on_bad_setting():  # a mistyped key (eval.lenghts): say so, with the closest setting, before Hydra
+        check_override_keys(sys.argv[1:], EvalConfig)
     main()

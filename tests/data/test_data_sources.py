@@ -128,6 +128,10 @@ def test_an_empty_source_among_several_is_named(tmp_path, run, word_text):
                      id="weight-str"),
         pytest.param([{"path": None, "wieght": 1}], r"data.sources\[0\] has unknown keys \['wieght'\]", id="typo"),
         pytest.param([{"weight": 1}], r"data.sources\[0\]=.* must be a mapping with a 'path' key", id="no-path"),
+        # what YAML makes of {path:x,weight:1} in a config file (no space after the colons): keys without values
+        pytest.param([{"path:/x.jsonl": None, "weight:1": None}],
+                     r"must be a mapping with a 'path' key \(YAML reads `path:x` without a space after the colon",
+                     id="no-space-after-colon"),
         pytest.param([{"path": None}, {"path": None}], r"data.sources\[1\].name='stdlib' is used", id="same-name"),
         pytest.param([{"path": "/no/such/file.jsonl"}], r"data.sources\[0\].path=/no/such/file.jsonl does not exist",
                      id="missing"),

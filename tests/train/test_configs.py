@@ -198,13 +198,28 @@ def test_override_keys_are_checked_before_hydra_composes():
     from train.config import check_override_keys
 
     valid = ["-m", "--cfg", "job", "train.max_steps=5", "logging.wandb.mode=disabled", "hydra.run.dir=runs/x",
-             "+foo.bar=1", "~moba.layers", "moba.layers=[{layer:0,blocksize:64}]", "model=tiny", "schedule=gradual",
+             "+foo.bar=1", "~moba.layers", "moba.layers=[{layer:0,block_size:64}]", "model=tiny", "schedule=gradual",
              "schedule.switch_fraction=0.5", "model.name_or_path=x", "moba.block_size=64,128", "seed=3",
              "model@other=tiny", *GROUP_CHOICES]
     check_override_keys(valid)
     bad_keys = [("train.max_step=5", "train.max_step is not a setting (did you mean train.max_steps?)"),
                 ("logging.wandb.mod=x", "logging.wandb.mod is not a setting (did you mean logging.wandb.mode?)"),
-                ("lr.value=1", "lr is not a setting; the config has: model, moba, ")]
+                ("lr.value=1", "lr is not a setting; the config has: model, moba, "),
+                # the entries of a list of dataclasses: Hydra's own error suggests +moba.layers=...
+                ("moba.layers=[{layer: 0, top_k: 2}, {layer:1,blocksize:64}]",
+                 "moba.layers[1].blocksize is not a setting (did you mean moba.layers[1].block_size?); "
+                 "moba.layers[1] has: layer, block_size, top_k")]
     for bad, message in bad_keys:
         with pytest.raises(ValueError, match=re.escape(message)):
             check_override_keys([*valid[:3], bad])
+
+
+def test_eval_override_keys_are_checked_against_the_eval_schema():
+    """``python -m train.eval`` checks its keys against ``EvalConfig`` as ``python -m train`` does against
+    ``RunConfig``."""
+    from train.config import check_override_keys
+    from train.eval import EvalConfig
+
+    check_override_keys(["eval.lengths=[256]", "moba.top_k=2", "device=cpu", "eval.targets=['runs/x']"], EvalConfig)
+    with pytest.raises(ValueError, match=re.escape("eval.lenghts is not a setting (did you mean eval.lengths?)")):
+        check_override_keys(["eval.lenghts=[256]"], EvalConfig)
