@@ -174,6 +174,19 @@ def test_default_lengths_quarter_half_and_trained():
     assert default_lengths(200) == [100, 200]  # 50 is below the 64-token floor
 
 
+def test_lengths_beyond_training_or_positions_are_named():
+    """eval.lengths above the run's data.seq_len (extrapolation) and above max_position_embeddings are named,
+    each with the lengths concerned; lengths within both, or no run to compare with, give no warning."""
+    from train.eval import length_warnings
+
+    assert length_warnings([256, 1024], 1024, 4096, "r") == []
+    assert length_warnings([8192], None, None, "hf") == []
+    (extra,) = length_warnings([512, 2048, 4096], 1024, 4096, "r")
+    assert "eval.lengths [2048, 4096] exceed the data.seq_len=1024 it trained at" in extra
+    extra, past = length_warnings([512, 8192], 1024, 4096, "r")
+    assert "[8192] exceed the data.seq_len=1024" in extra and "[8192] exceed its max_position_embeddings=4096" in past
+
+
 def test_exported_model_is_evaluated_with_its_recorded_moba_settings(tmp_path):
     """An HF directory without a run (an export copied elsewhere) runs with the ``moba`` dict of its config;
     ``moba.*`` given on the command line replace single fields of it."""
