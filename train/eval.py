@@ -36,7 +36,15 @@ from moba_core.varlen import cudnn_env
 
 from . import checkpoint as ckpt
 from . import eval_tasks as tasks_mod
-from .config import LayerMoBASettings, MoBASettings, RunConfig, check_override_keys, exit_on_bad_setting
+from .config import (
+    ConfigError,
+    LayerMoBASettings,
+    MoBASettings,
+    RunConfig,
+    as_config_error,
+    check_override_keys,
+    exit_on_bad_setting,
+)
 from .eval_tasks import TASKS
 from .metrics import progress_shown
 
@@ -304,17 +312,19 @@ def evaluate_targets(cfg: EvalConfig, moba_overrides: dict | None = None) -> lis
             ``MOBA_CUDNN_ATTENTION`` / ``MOBA_CUDNN_MIN_SEQLEN`` (``moba_core.varlen.cudnn_env``), before any model
             is loaded.
     """
-    cudnn_env()
     s = cfg.eval
-    if not s.targets:
-        raise ValueError("no target: python -m train.eval <run dir | checkpoint | HF dir> (or eval.targets=[...])")
-    device = _device(cfg.device)
+    with as_config_error():
+        cudnn_env()
+        if not s.targets:
+            raise ValueError("no target: python -m train.eval <run dir | checkpoint | HF dir> (or eval.targets=[...])")
+        device = _device(cfg.device)
     done = []
     for path in s.targets:
-        t = resolve_target(path)
-        tok, val_at = tokenizer_and_data(t, s)
-        lm = load_model(t, tok.vocab_size, device)
-        attn = set_attention(lm, t, cfg, moba_overrides or {})
+        with as_config_error():  # a target, its data or its model that cannot be used: named, without a traceback
+            t = resolve_target(path)
+            tok, val_at = tokenizer_and_data(t, s)
+            lm = load_model(t, tok.vocab_size, device)
+            attn = set_attention(lm, t, cfg, moba_overrides or {})
         lengths = list(s.lengths) or default_lengths(t.run_cfg.data.seq_len if t.run_cfg else 1024)
         for warning in length_warnings(lengths, t.run_cfg.data.seq_len if t.run_cfg else None,
                                        getattr(lm.config, "max_position_embeddings", None), t.path.name):
@@ -425,7 +435,8 @@ def main(cfg: DictConfig) -> None:
         ecfg = to_eval_config(cfg)
     given = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
     overrides = {k.split(".", 1)[1]: getattr(ecfg.moba, k.split(".", 1)[1]) for k in given if k.startswith("moba.")}
-    evaluate_targets(ecfg, overrides)
+    with exit_on_bad_setting(ConfigError):
+        evaluate_targets(ecfg, overrides)
 
 
 if __name__ == "__main__":

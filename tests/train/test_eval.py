@@ -237,3 +237,22 @@ def test_eval_bad_setting_prints_the_error_alone():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "error: eval.trials=0 must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        pytest.param(["runs/no_such_run"], "error: eval.targets: runs/no_such_run is neither a run directory",
+                     id="missing-target"),
+        pytest.param([], "error: no target: python -m train.eval", id="no-target"),
+        pytest.param(["runs/x", "eval.lenghts=[256]"], "error: eval.lenghts is not a setting (did you mean "
+                     "eval.lengths?)", id="typo"),
+    ],
+)
+def test_eval_bad_target_or_key_prints_the_error_alone(args, message):
+    """Errors of the targets (found while loading them) and mistyped keys come as ``error: ...``, exit 1, no
+    traceback, like the settings' own checks."""
+    proc = subprocess.run([sys.executable, "-m", "train.eval", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
