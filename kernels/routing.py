@@ -194,7 +194,8 @@ def block_layout(lens: list[int], block_size: int, dense_blocks: int, device) ->
     dense_len = np.minimum(lens_np, dense_blocks * block_size)
     return dict(
         block_start=packed[:nb], block_len=packed[nb:2 * nb].to(torch.int32),
-        block_first=packed[2 * nb:3 * nb].to(torch.int32), work_order=packed[-nb:].to(torch.int32) if nb else packed[:0],
+        block_first=packed[2 * nb:3 * nb].to(torch.int32),
+        work_order=packed[-nb:].to(torch.int32) if nb else packed[:0],
         sparse_blocks=packed[3 * nb:3 * nb + sparse.size].to(torch.int32),
         NB=nb, NS=int(sparse.size),
         dense_segments=[(int(s), int(n)) for s, n in zip(starts, dense_len) if n > 0],

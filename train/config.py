@@ -215,7 +215,8 @@ class ScheduleConfig:
 
     # the fields each schedule reads (moba_core.schedule.Schedule); the others do nothing under it
     FIELDS_READ = {"moba": (), "full": (), "full_then_moba": ("switch_fraction",),
-                   "moba_then_full": ("switch_fraction",), "gradual": ("start_fraction", "end_fraction", "order", "reverse")}
+                   "moba_then_full": ("switch_fraction",),
+                   "gradual": ("start_fraction", "end_fraction", "order", "reverse")}
 
     def unused_overrides(self, overrides: Sequence[str]) -> list[str]:
         """Warnings for ``schedule.<field>=...`` given on the command line (``overrides``, Hydra's form) that the
