@@ -101,13 +101,9 @@ class PrepareConfig:
 
 def compose(overrides: list[str]) -> PrepareConfig:
     """A `PrepareConfig` from command-line overrides: `data=<name>` picks `configs/data/<name>.yaml`
-    (default stdlib), `data.key=value` sets a key (the value read by Hydra's override grammar, as `python -m
-    train` reads it: `[{path: a.jsonl, weight: 2}]` and `[{path:a.jsonl,weight:2}]` alike). Raises `ValueError`
-    naming the argument for an unknown key, a bad value, a sweep or a malformed argument."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    group, given = "stdlib", OmegaConf.create({})
+    (default stdlib), `data.key=value` sets a key (value parsed as YAML). Raises `ValueError` naming the
+    argument for an unknown key, a bad value or a malformed argument."""
+    group, pairs = "stdlib", []
     for arg in overrides:
         key, eq, value = arg.partition("=")
         if not eq:
@@ -115,14 +111,7 @@ def compose(overrides: list[str]) -> PrepareConfig:
         if key == "data":
             group = value
         elif key.startswith("data."):
-            try:
-                parsed = OverridesParser.create().parse_overrides([arg])[0]
-            except HydraException as e:
-                raise ValueError(f"argument {arg!r}: {str(e).splitlines()[0]}") from None
-            if parsed.is_sweep_override():
-                raise ValueError(f"argument {arg!r}: a sweep (a,b / range / choice) is not read by python -m "
-                                 "data.prepare; run it once per value")
-            OmegaConf.update(given, key[len("data."):], parsed.value(), merge=False)
+            pairs.append(f"{key[len('data.'):]}={value}")
         else:
             raise ValueError(f"argument {arg!r}: only data.* settings are read by python -m data.prepare")
     yaml = CONFIG_DIR / f"{group}.yaml"
@@ -130,7 +119,7 @@ def compose(overrides: list[str]) -> PrepareConfig:
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ValueError(f"data={group}: no {yaml} (known: {known})")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.load(yaml), given)
+        cfg = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.load(yaml), OmegaConf.from_dotlist(pairs))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ValueError(f"data.{e.full_key}: {e.msg.splitlines()[0]}") from None

@@ -135,8 +135,8 @@ def parse_sources(sources, path: str | None, text_field: str = "text", length_up
     for i, spec in enumerate(sources):
         if not isinstance(spec, dict) or "path" not in spec:
             glued = isinstance(spec, dict) and any(":" in str(k) and v is None for k, v in spec.items())
-            hint = (" (YAML reads `path:x` without a space after the colon as one key: write `path: x`)"
-                    if glued else "")
+            hint = (" (YAML reads `path:x` without a space after the colon as one key: write {path: x, weight: 1}, "
+                    "a space after each colon)" if glued else "")
             raise ValueError(f"{where(i)}={spec!r} must be a mapping with a 'path' key{hint}")
         unknown = set(spec) - {"path", "weight", "text_field", "name", "length_upsample"}
         if unknown:
