@@ -2,7 +2,7 @@
 packed shards, `stats.json` and a length histogram in `data.output_dir`; train on it with `data.path=<dir>`.
 
     python -m data.prepare data.output_dir=prepared/stdlib data.seq_len=4096 data.packing=best_fit
-    python -m data.prepare data=mixture data.output_dir=prepared/mix data.num_proc=8
+    python -m data.prepare data=prepare/mixture data.output_dir=prepared/mix data.num_proc=8
     python -m train data.path=prepared/stdlib data.seq_len=4096 data.packing=best_fit
 
 Settings are the `data.*` keys of training (`configs/data/<name>.yaml`, chosen with `data=<name>`, default
@@ -116,7 +116,7 @@ def compose(overrides: list[str]) -> PrepareConfig:
             raise ValueError(f"argument {arg!r}: only data.* settings are read by python -m data.prepare")
     yaml = CONFIG_DIR / f"{group}.yaml"
     if not yaml.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        known = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
         raise ValueError(f"data={group}: no {yaml} (known: {known})")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.load(yaml), OmegaConf.from_dotlist(pairs))

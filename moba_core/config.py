@@ -63,19 +63,16 @@ class MoBAConfig:
         """Indices of the layers that run MoBA in a model of ``num_layers`` layers.
 
         Raises:
-            ValueError: a ``full_attn_layers`` index outside ``[-num_layers, num_layers)``, or two that name one
-                layer; the same for ``layers``, or a layer in both.
+            ValueError: a ``full_attn_layers`` index outside ``[-num_layers, num_layers)``; a ``layers`` index
+                outside it, set twice, or kept full.
         """
-        full = {}
+        full = set()
         for i in self.full_attn_layers:
             if not -num_layers <= i < num_layers:
                 raise ValueError(
                     f"moba.full_attn_layers contains {i}, outside a model of {num_layers} layers"
                 )
-            if i % num_layers in full:  # [0, 0] or [1, -3] of 4 layers: a typo for another layer, most likely
-                raise ValueError(f"moba.full_attn_layers={self.full_attn_layers!r} names layer {i % num_layers} "
-                                 f"twice (as {full[i % num_layers]} and {i}) in a model of {num_layers} layers")
-            full[i % num_layers] = i
+            full.add(i % num_layers)
         seen = {}
         for i in self.layers:
             if not -num_layers <= i < num_layers:

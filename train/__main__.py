@@ -69,12 +69,15 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Ru
 def drop_if_untouched(run_dir: Path) -> None:
     """Remove ``run_dir`` when a launch refused before any work left nothing in it but Hydra's job log (the folder
     Hydra made for it): repeated mistakes leave no trail of empty run folders. A folder with anything else (an
-    earlier run's records or checkpoints) is kept as it is."""
+    earlier run's records or checkpoints), an empty one the user made, and the working directory (or one above
+    it) are kept as they are."""
     try:
         names = {p.name for p in run_dir.iterdir()}
+        here = Path.cwd().resolve()
     except OSError:
         return
-    if names <= {"__main__.log"}:
+    resolved = run_dir.resolve()
+    if names == {"__main__.log"} and resolved != here and resolved not in here.parents:  # never the working dir
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -100,10 +103,12 @@ def _main(cfg: DictConfig, run_dir: Path) -> float | None:
     from .loop import run
 
     # One launch at a time owns the run directory (and every rank has the same one): train/rundir.py.
-    with claim_run_dir(run_dir, Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else None):
+    # ConfigError: the directory held by another launch, or a check that needs the world size, the model's shape,
+    # the data or the checkpoint (train.loop): "error: ..." without a traceback.
+    with exit_on_bad_setting(ConfigError), \
+            claim_run_dir(run_dir, Path(run_cfg.checkpoint.dir) if run_cfg.checkpoint.dir else None):
         # config.json keeps the full command-line overrides (and a sweep job's swept settings) beside the config.
-        with exit_on_bad_setting(ConfigError):  # the checks that need the world size and the model's shape
-            result = run(run_cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **sweep_record()})
+        result = run(run_cfg, run_dir, {**OmegaConf.to_container(cfg, resolve=True), **sweep_record()})
     if result.get("preempted"):
         # Stopped by a signal after saving (the loop logged what it saved and how to resume): exit 128 + the
         # signal's number, once the run directory is released, so that whatever chains stages (make train, a

@@ -158,10 +158,20 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, rank:
     return ckpt_dir / tag
 
 
+def run_checkpoint_dir(run_dir: Path) -> Path:
+    """Where the run in ``run_dir`` keeps its checkpoints: the ``checkpoint.dir`` its ``config.json`` records
+    when it set one, else ``run_dir/checkpoints``."""
+    try:
+        d = json.loads((run_dir / "config.json").read_text()).get("checkpoint", {}).get("dir")
+    except (OSError, ValueError, AttributeError):
+        d = None
+    return Path(d) if d else run_dir / "checkpoints"
+
+
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     """Where to resume from: ``resume=auto`` (latest in ``ckpt_dir``, or None), ``none``, or a path to
     a checkpoint dir (its ``latest``), a tag dir inside one, or a run directory (the newest checkpoint of its
-    ``checkpoints/``, as ``python -m train.eval`` / ``train.export`` take a run directory).
+    ``checkpoints/`` or of the ``checkpoint.dir`` it ran with, as ``python -m train.eval`` takes a run directory).
 
     Raises:
         ValueError: ``resume`` is a path without a checkpoint, or names a tag that cannot be loaded (a file
@@ -183,10 +193,11 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         tag = latest_tag(p)
         if tag:
             return p, tag
-    if (p / "checkpoints").is_dir() and not TAG_RE.match(p.name):  # a run directory
-        tag = latest_tag(p / "checkpoints")
+    run_ckpts = run_checkpoint_dir(p)
+    if run_ckpts.is_dir() and not TAG_RE.match(p.name):  # a run directory
+        tag = latest_tag(run_ckpts)
         if tag:
-            return p / "checkpoints", tag
+            return run_ckpts, tag
     if p.is_dir() and TAG_RE.match(p.name):
         problem = tag_problem(p)
         if problem:

@@ -458,6 +458,13 @@ class RunConfig:
             f = self.moba.full_attn_layers
             if isinstance(f, int) and f > layers:
                 raise ValueError(f"moba.full_attn_layers={f} asks for more full layers than the model's {layers}")
+            if isinstance(f, (list, tuple)):  # [0, 0] or [1, -3] of 4 layers: a typo for another layer, most likely
+                seen = {}
+                for i in f:
+                    if isinstance(i, int) and -layers <= i < layers and i % layers in seen:
+                        raise ValueError(f"moba.full_attn_layers={list(f)!r} names layer {i % layers} twice (as "
+                                         f"{seen[i % layers]} and {i}) in a model of {layers} layers")
+                    seen[i % layers] = i
             if moba_runs:  # raise on an index outside the model
                 moba_layers = self.moba.to_moba_config().moba_layers(layers)
                 self.schedule.to_schedule().moba_layers_at(0, self.train.max_steps, moba_layers, layers)

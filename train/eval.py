@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +30,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from data.corpus import DOCUMENT_MODES, check_documents
+from data.corpus import DOCUMENT_MODES, check_documents, corpus_fingerprint
 from moba_core.hf import apply_moba, attention_modules, moba_config_from_record, set_moba_layers
 from moba_core.schedule import Schedule
 from moba_core.varlen import cudnn_env
@@ -213,17 +214,27 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
     if spec is None:
         raise ValueError(f"eval.targets: {t.path} holds no tokenizer (and no run with one)")
     tok = load_tokenizer(spec, corpus_id="", train_texts=None, cache_dir=Path(cache or "."))
+    where = "eval.data_path" if s.data_path is not None else f"the data of {t.path} (its run's data.path)"
 
     def val_at(n: int):
-        if is_prepared(path):  # a prepared directory fixes seq_len and packing: its rows, cut to n
-            prep = json.loads((Path(path) / "prepared.json").read_text())
-            if n > prep["seq_len"]:
-                raise ValueError(f"eval.lengths holds {n}, longer than data.path={path}'s seq_len {prep['seq_len']}")
-            return build_data(path=path, tokenizer=spec, seq_len=prep["seq_len"], packing=prep["packing"],
-                              split="val")[0]
-        return build_data(path=path, tokenizer=spec, seq_len=n, packing="pad", split="val", cache_dir=cache,
-                          documents=documents)[0]
+        # read when a task first needs length n: its errors (a file gone, a bad row) are ConfigErrors naming the source
+        try:
+            if is_prepared(path):  # a prepared directory fixes seq_len and packing: its rows, cut to n
+                prep = json.loads((Path(path) / "prepared.json").read_text())
+                if n > prep["seq_len"]:
+                    raise ValueError(f"eval.lengths holds {n}, longer than data.path={path}'s seq_len "
+                                     f"{prep['seq_len']}")
+                return build_data(path=path, tokenizer=spec, seq_len=prep["seq_len"], packing=prep["packing"],
+                                  split="val")[0]
+            return build_data(path=path, tokenizer=spec, seq_len=n, packing="pad", split="val", cache_dir=cache,
+                              documents=documents)[0]
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from e
 
+    try:  # a path that does not exist (or a file of another kind) fails now, before the model is loaded
+        corpus_fingerprint(path)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
     return tok, val_at
 
 
@@ -393,8 +404,9 @@ HYDRA_INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "s
 
 
 def _targets_from_argv(argv: list[str]) -> list[str]:
-    """Move positional TARGET arguments (no ``=``, not an option, not the value of a Hydra flag such as
-    ``--cfg job``) into one ``eval.targets=[...]`` override appended after the rest, which keeps its order."""
+    """Move positional TARGET arguments (no ``=`` unless it is a path that exists, not an option, not the value of a
+    Hydra flag such as ``--cfg job``) into one ``eval.targets=[...]`` override appended after the rest, which keeps
+    its order."""
     targets, rest = [], []
     i = 0
     while i < len(argv):
@@ -405,7 +417,9 @@ def _targets_from_argv(argv: list[str]) -> list[str]:
             rest.extend(argv[i:i + 2])
             i += 2
             continue
-        (rest if "=" in a or a.startswith("-") else targets).append(a)
+        # a path that exists is a target even with "=" in its name (sweep job folders: 3_moba.top_k=3)
+        setting = ("=" in a and not os.path.exists(a)) or a.startswith("-")
+        (rest if setting else targets).append(a)
         i += 1
     if targets:
         quoted = ",".join("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'" for t in targets)

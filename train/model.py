@@ -176,7 +176,11 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     restore_unfused_modules()
     hf_cfg = hf_config(cfg, vocab_size, log_changes=True)
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - missing / truncated weights; safetensors raises its own type
+            raise ValueError(f"model.name_or_path={cfg.name_or_path}: its weights cannot be loaded "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         log.info("loaded %s (%.1fM parameters, rope_theta %s, rope_scaling %s)", cfg.name_or_path,
                  count_params(model) / 1e6, rope_theta_of(model.config), rope_scaling_of(model.config))
         return model

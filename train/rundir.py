@@ -35,6 +35,7 @@ from pathlib import Path
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from .config import ConfigError
 from .distributed import world_from_env
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def agreed_launch_time() -> float:
             try:
                 _launch_time = float(env)
             except ValueError:
-                raise ValueError(f"{LAUNCH_TIME_ENV}={env!r} must be seconds since the epoch") from None
+                raise ConfigError(f"{LAUNCH_TIME_ENV}={env!r} must be seconds since the epoch") from None
         else:
             now = time.time()
             rank, world, _ = world_from_env()
@@ -220,14 +221,14 @@ class RunDirLock:
                     return
                 reason = stale_reason(holder, self.me) if holder else None
                 if reason is None:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{setting}={d} is in use by another launch: {describe(holder) if holder else 'unknown'} "
                         f"holds {path}. Wait for it to end or choose another {setting}; if that launch is "
                         f"gone, delete {path}"
                     )
                 log.warning("taking over the stale lock %s of %s: %s", path, describe(holder), reason)
                 path.unlink(missing_ok=True)
-        raise ValueError(f"{setting}={d}: could not take the lock {path} (it keeps changing)")
+        raise ConfigError(f"{setting}={d}: could not take the lock {path} (it keeps changing)")
 
     def _create(self, path: Path) -> bool:
         """Create ``path`` holding this process's record, atomically; False if it exists."""
@@ -300,9 +301,9 @@ def claim_run_dir(run_dir: Path, ckpt_dir: Path | None = None) -> Iterator[None]
     elif store is not None:
         decided = json.loads(store.get(key).decode())
         if decided["error"]:
-            raise ValueError(decided["error"])
+            raise ConfigError(decided["error"])
         if decided["dir"] != str(run_dir):
-            raise ValueError(f"rank {rank} has hydra.run.dir={run_dir} but rank 0 has {decided['dir']}: every "
+            raise ConfigError(f"rank {rank} has hydra.run.dir={run_dir} but rank 0 has {decided['dir']}: every "
                              "rank must get the same hydra.run.dir")
     try:
         yield
@@ -324,7 +325,7 @@ def check_same_run_dir(run_dir: Path) -> None:
     dist.all_gather_object(dirs, str(Path(run_dir).resolve()))
     other = sorted({(r, d) for r, d in enumerate(dirs) if d != dirs[0]})
     if other:
-        raise ValueError(f"the ranks disagree on hydra.run.dir: rank 0 has {dirs[0]}, "
+        raise ConfigError(f"the ranks disagree on hydra.run.dir: rank 0 has {dirs[0]}, "
                          + ", ".join(f"rank {r} has {d}" for r, d in other)
                          + ". Give every rank the same hydra.run.dir (launch with torchrun or set it explicitly)")
 

@@ -68,18 +68,6 @@ def test_full_attn_layer_out_of_range():
         apply_moba(tiny_llama(), MoBAConfig(block_size=16, top_k=2, full_attn_layers=[5]))
 
 
-@pytest.mark.parametrize("full", [[0, 0], [1, -3], [-1, 3]], ids=["repeat", "pos-neg", "neg-pos"])
-def test_a_layer_named_twice_in_full_attn_layers_is_refused(full):
-    """Two indices of one layer (``[1, -3]`` of 4 layers) are most likely a typo for another layer: refused, as
-    ``moba.layers`` refuses a layer set twice, rather than silently keeping fewer layers full than listed."""
-    a, b = full
-    layer = a % 4
-    with pytest.raises(ValueError, match=rf"names layer {layer} twice \(as {a} and {b}\) in a model of 4 layers"):
-        MoBAConfig(block_size=16, top_k=2, full_attn_layers=full).moba_layers(4)
-    assert MoBAConfig(block_size=16, top_k=2, full_attn_layers=[a, (b + 1) % 4]).moba_layers(4) == \
-        sorted(set(range(4)) - {layer, (b + 1) % 4})
-
-
 @pytest.mark.parametrize(
     "name,expect",
     [

@@ -103,6 +103,43 @@ def test_bad_data_fails_with_the_message_alone(tmp_path, data_cache, case, messa
     assert not run_dir.exists()
 
 
+def test_a_run_dir_held_by_another_launch_is_an_error_line_and_is_kept(tmp_path, data_cache):
+    """The lock of a live launch (this test's own process stands in for it): ``error: ...``, exit 1, no traceback,
+    and the folder with its lock is left as it is."""
+    import os
+    import socket
+
+    from train import rundir
+
+    run_dir = tmp_path / "held"
+    run_dir.mkdir()
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": rundir._proc_start(os.getpid()),
+            "since": "2026-01-01T00:00:00", "command": "python -m train (the other launch)"}
+    (run_dir / rundir.LOCK_NAME).write_text(json.dumps(lock))
+    proc = run_train(["train.max_steps=1"], run_dir, data_cache, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: hydra.run.dir={run_dir} is in use by another launch" in proc.stderr
+    assert json.loads((run_dir / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_refused_launch_never_removes_the_working_directory(tmp_path):
+    """``hydra.run.dir=.`` in an empty working directory: the refused launch's folder is the working directory,
+    which stays (only a folder Hydra made that holds nothing but its log is removed)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "train", "moba.top_k=0", "hydra.run.dir=."], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "error: moba.top_k=0" in proc.stderr
+    assert cwd.is_dir()
+
+
 def test_resume_errors_come_without_a_traceback_and_a_run_directory_resumes(tmp_path, data_cache):
     """A resume that cannot go on (changed model shape, a path that holds no checkpoint) is an ``error: ...``;
     ``resume=<run dir>`` takes that run's newest checkpoint, as eval / export take a run directory."""

@@ -96,6 +96,22 @@ def test_bad_cudnn_environment_is_refused_by_the_config_check(monkeypatch, env, 
     cfg.check()  # good values pass
 
 
+@pytest.mark.parametrize("full", [[0, 0], [1, -3], [-1, 3]], ids=["repeat", "pos-neg", "neg-pos"])
+def test_a_layer_named_twice_in_full_attn_layers_is_refused_at_launch(full):
+    """Two indices of one layer (``[1, -3]`` of 4 layers) are most likely a typo for another layer: a training launch
+    refuses them, as ``moba.layers`` refuses a layer set twice (``moba_core``'s ``moba_layers`` still takes them:
+    runs saved before this check are evaluated and exported as they trained)."""
+    from moba_core import MoBAConfig
+
+    a, b = full
+    layer = a % 4
+    cfg = _composed(f"moba.full_attn_layers=[{a},{b}]")
+    with pytest.raises(ValueError, match=rf"names layer {layer} twice \(as {a} and {b}\) in a model of 4 layers"):
+        cfg.check(shape=(4, 2, 4))
+    assert MoBAConfig(block_size=16, top_k=2, full_attn_layers=full).moba_layers(4) == sorted(set(range(4)) - {layer})
+    _composed(f"moba.full_attn_layers=[{a},{(b + 1) % 4}]").check(shape=(4, 2, 4))
+
+
 @pytest.mark.parametrize(
     "overrides,expect",
     [

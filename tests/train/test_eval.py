@@ -223,6 +223,16 @@ def test_targets_from_argv_leaves_hydra_flag_values():
     assert _targets_from_argv(["--info", "runs/a"]) == ["--info", "eval.targets=['runs/a']"]
 
 
+def test_a_target_path_with_equals_signs_stays_a_target(tmp_path):
+    """Sweep job folders are named after their settings (``3_moba.top_k=3``): an existing path is a target even
+    with ``=`` in it; a setting (no such path) stays a setting."""
+    from train.eval import _targets_from_argv
+
+    job = tmp_path / "3_moba.block_size=128,moba.top_k=3"
+    job.mkdir()
+    assert _targets_from_argv([str(job), "eval.trials=1"]) == ["eval.trials=1", f"eval.targets=['{job}']"]
+
+
 def test_eval_cfg_job_prints_the_config():
     """``python -m train.eval --cfg job TARGET`` prints the composed config with the target, as Hydra's flag does."""
     proc = subprocess.run([sys.executable, "-m", "train.eval", "--cfg", "job", "runs/some_run"], cwd=REPO,

@@ -227,6 +227,12 @@ def test_resume_from_a_run_directory_takes_its_newest_loadable_checkpoint(tmp_pa
     fake_tag(run / "checkpoints", 3)
     truncate(fake_tag(run / "checkpoints", 5) / "rng_rank0.pt")
     assert ckpt.resolve_resume(str(run), tmp_path / "elsewhere") == (run / "checkpoints", "step_00000003")
+    # a run that kept its checkpoints elsewhere (checkpoint.dir, recorded in its config.json)
+    elsewhere = tmp_path / "ckpt_store"
+    fake_tag(elsewhere, 7)
+    (tmp_path / "run_b").mkdir()
+    (tmp_path / "run_b" / "config.json").write_text(json.dumps({"checkpoint": {"dir": str(elsewhere)}}))
+    assert ckpt.resolve_resume(str(tmp_path / "run_b"), tmp_path / "elsewhere") == (elsewhere, "step_00000007")
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="a run directory with checkpoints"):
