@@ -43,6 +43,7 @@ from .config import (
     MoBASettings,
     RunConfig,
     as_config_error,
+    check_known_keys,
     check_override_keys,
     exit_on_bad_setting,
 )
@@ -428,7 +429,9 @@ def _targets_from_argv(argv: list[str]) -> list[str]:
 
 
 def to_eval_config(cfg: DictConfig) -> EvalConfig:
-    """Typed config; the dataclasses' checks raise ``ValueError`` naming the setting."""
+    """Typed config; the dataclasses' checks raise ``ValueError`` naming the setting (and a key ``+eval.foo=1``
+    added that the schema does not have)."""
+    check_known_keys(cfg, EvalConfig)
     try:
         return OmegaConf.to_object(cfg)
     except ValueError:

@@ -257,6 +257,7 @@ def test_eval_bad_setting_prints_the_error_alone():
         pytest.param([], "error: no target: python -m train.eval", id="no-target"),
         pytest.param(["runs/x", "eval.lenghts=[256]"], "error: eval.lenghts is not a setting (did you mean "
                      "eval.lengths?)", id="typo"),
+        pytest.param(["runs/x", "+eval.foo=1"], "error: eval.foo is not a setting; eval has: targets", id="added-key"),
     ],
 )
 def test_eval_bad_target_or_key_prints_the_error_alone(args, message):
