@@ -274,8 +274,9 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         tokenizer_spec = data_identity.tokenizer_spec(cfg.data.tokenizer, cfg.model.name_or_path, saved_data)
         check_tokenizer_fits(cfg.model, tokenizer_spec, "data.tokenizer" if cfg.data.tokenizer else
                              "model.name_or_path" if cfg.model.name_or_path else "the run's stored tokenizer")
-    # before any data or distributed work: a bad value, or an architecture Liger-Kernel does not patch, fails now
-    fused_ops = fused_ops_enabled(cfg.model.fused_ops, torch.device(device_type(cfg.device)), model_type_of(cfg.model))
+        # before any data or distributed work: a bad value, or an architecture Liger-Kernel does not patch, fails now
+        fused_ops = fused_ops_enabled(cfg.model.fused_ops, torch.device(device_type(cfg.device)),
+                                      model_type_of(cfg.model))
     info = init_distributed(cfg.device, cfg.parallel.sp_size)
     check_same_run_dir(run_dir)  # every rank writes into rank 0's run directory
     mpu = sp_group = None

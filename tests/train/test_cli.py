@@ -61,6 +61,9 @@ def test_full_schedule_and_hf_export_then_continue(tmp_path, data_cache):
                      id="plus-typo"),
         pytest.param("moba.full_attn_layers=5", "moba.full_attn_layers=5 asks for more full layers", id="full-n"),
         pytest.param("moba.full_attn_layers=[7]", "moba.full_attn_layers contains 7", id="full-index"),
+        pytest.param("moba.full_attn_layers=[1,-1]", "moba.full_attn_layers=[1, -1] names layer 1 twice",
+                     id="full-twice"),
+        pytest.param("model.fused_ops=true", "error: model.fused_ops=true needs ", id="fused-ops-cpu"),
     ],
 )
 def test_bad_setting_fails_before_training(tmp_path, data_cache, override, message):
