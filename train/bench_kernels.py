@@ -9,6 +9,9 @@ cache per run), peak memory (GiB, inputs and gradients included, and its ratio t
 for the triton backend the split routing / forward / backward (ms). Full attention at 1M tokens is not
 run: its time is estimated as 4x the 512K time and its memory as 2x (marked "est.").
 
+``--cold`` runs only each point's first fwd+bwd of the ``triton`` backend, each in a new process with an empty Triton
+cache (``cold_first_calls``): what a first step costs on a machine that never compiled the kernels.
+
 Output: the table printed and written into ``BENCHMARKS.md`` between marker comments, and every row into
 ``results/kernels.json`` (a list of objects with ``point``, ``method``, ``fwd_ms``, ``fwdbwd_ms``,
 ``first_call_s``, ``peak_gib``, ``gpu``, ``date`` and extras), both replaced on each run.
@@ -35,6 +38,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -299,6 +303,52 @@ def fmt(x, nd=2):
     return x if isinstance(x, str) else f"{x:.{nd}f}"
 
 
+COLD_PREFIX = "cold_first_call_s="
+
+
+def cold_first_call(point: str, heads: int = H, head_dim: int = D) -> float:
+    """Seconds of the first fwd+bwd of the ``triton`` backend at ``point`` (bf16 on CUDA; fp32 on a CPU, under
+    ``TRITON_INTERPRET=1``) in this process: every kernel compiled, launcher built and lazy import paid, as in a
+    user's first training step. Meant for a new process with an empty Triton cache (``cold_first_calls``); the CUDA
+    context is made before the clock starts."""
+    from moba_core import moba_attention
+
+    nseq, L, bs, top_k = parse_point(point)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    T = nseq * L
+    q, k, v = (torch.randn(T, heads, head_dim, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(T, heads, head_dim, device=dev, dtype=dtype)
+    cu = torch.arange(nseq + 1, device=dev, dtype=torch.int32) * L
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    moba_attention(q, k, v, cu, L, bs, top_k, backend="triton").backward(do)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def cold_first_calls(points: list[str], heads: int = H, head_dim: int = D, timeout_s: float = 600) -> list:
+    """(point, seconds or an error text) of each point's first fwd+bwd (``cold_first_call``), each in a new process
+    with an empty Triton cache: what a first step costs on a machine that never compiled these kernels (issue 9's
+    first-call target, 20 s; the table's "first call" column comes after its float64 check compiled them)."""
+    out = []
+    for p in points:
+        env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="moba-cold-triton-")}
+        cmd = [sys.executable, "-m", "train.bench_kernels", "--cold-one", p, "--cold-shape", f"{heads}:{head_dim}"]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
+                                  cwd=Path(__file__).resolve().parents[1])
+        except subprocess.TimeoutExpired:
+            out.append((p, f"over {timeout_s:.0f} s"))
+            continue
+        found = [line[len(COLD_PREFIX):] for line in proc.stdout.splitlines() if line.startswith(COLD_PREFIX)]
+        out.append((p, float(found[-1]) if proc.returncode == 0 and found else
+                    f"err: {(proc.stderr.strip().splitlines() or ['exit ' + str(proc.returncode)])[-1]}"))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="[NSEQx]SEQ_LEN:BLOCK:TOP_K ...")
@@ -308,7 +358,20 @@ def main(argv=None):
     ap.add_argument("--output", default="BENCHMARKS.md")
     ap.add_argument("--json", default="results/kernels.json")
     ap.add_argument("--warm-cache", action="store_true", help="keep Triton's compile cache (first call not cold)")
+    ap.add_argument("--cold", action="store_true", help="only each point's first fwd+bwd of the triton backend, "
+                    "each in a new process with an empty Triton cache (the table is not run or written)")
+    ap.add_argument("--cold-one", metavar="POINT", help=argparse.SUPPRESS)  # the worker of --cold
+    ap.add_argument("--cold-shape", default=f"{H}:{D}", help=argparse.SUPPRESS)  # HEADS:HEAD_DIM of --cold
     args = ap.parse_args(argv)
+    heads, head_dim = (int(x) for x in args.cold_shape.split(":"))
+    if args.cold_one:
+        print(f"{COLD_PREFIX}{cold_first_call(args.cold_one, heads, head_dim):.3f}", flush=True)
+        return 0
+    if args.cold:
+        print("| point | cold first call s (new process, empty Triton cache; target <= 20) |\n|---|---|")
+        for p, sec in cold_first_calls(args.points, heads, head_dim):
+            print(f"| {p} | {sec if isinstance(sec, str) else f'{sec:.1f}'} |", flush=True)
+        return 0
     if not torch.cuda.is_available():
         print("error: python -m train.bench_kernels needs a CUDA device (the kernels are tested on the CPU by "
               "make test)", file=sys.stderr)

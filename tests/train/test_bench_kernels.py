@@ -107,3 +107,14 @@ def test_a_method_whose_calls_read_zero_ms_stops_settling_at_500_calls():
     assert bk.timed_many(fns, 3, clock) == {"free": 0.0}
     # per block: 500 settling calls, then timed batches up to the 500-call cap
     assert len(order) == 2 * (500 + 500)
+
+
+def test_cold_first_calls_run_each_point_in_a_new_process(monkeypatch):
+    """``--cold``: each point's first fwd+bwd in its own process with an empty Triton cache (here on the CPU under
+    the interpreter, two heads of 16); a point the worker cannot run is reported as an error text, not a number."""
+    from train.bench_kernels import cold_first_calls
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (p, sec), (bad, err) = cold_first_calls(["64:16:2", "64-16-2"], heads=2, head_dim=16, timeout_s=300)
+    assert p == "64:16:2" and isinstance(sec, float) and 0 < sec < 300
+    assert bad == "64-16-2" and err.startswith("err: ") and "must look like [NSEQ x]SEQ_LEN:BLOCK:TOP_K" in err
