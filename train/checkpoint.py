@@ -247,10 +247,10 @@ def check_resume_compatible(ckpt_dir: Path, tag: str, run_config: dict) -> None:
     diff = [f"{k}={value(saved, k)!r} there, {value(run_config, k)!r} now" for k in RESUME_KEYS
             if value(saved, k) != value(run_config, k)]
     if diff:
-        raise ValueError(
-            f"cannot resume from {ckpt_dir / tag}: " + "; ".join(diff)
-            + ". Use the same settings, or another hydra.run.dir (or resume=none there) to start fresh"
-        )
+        fresh = ("leave out resume= to start fresh" if _get(run_config, "resume") not in (None, "auto", "none")
+                 else "another hydra.run.dir (or resume=none there) to start fresh")
+        raise ValueError(f"cannot resume from {ckpt_dir / tag}: " + "; ".join(diff)
+                         + f". Use the same settings, or {fresh}")
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:

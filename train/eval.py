@@ -156,6 +156,8 @@ def resolve_target(path: str) -> Target:
 
         return Target(p, p, "hf", run_dir, cfg, exported_step(p))
     run_dir, cfg = _run_of(p)
+    if not p.exists():
+        raise ValueError(f"eval.targets: {path} does not exist")
     if cfg is None:
         raise ValueError(f"eval.targets: {path} is neither a run directory (config.json), a checkpoint "
                          "(checkpoints/step_N) nor an HF model directory")
@@ -290,18 +292,21 @@ def default_lengths(trained: int) -> list[int]:
     return sorted({n for n in (trained // 4, trained // 2, trained) if n >= 64} | {trained})
 
 
-def length_warnings(lengths: list[int], trained: int | None, max_positions: int | None, label: str) -> list[str]:
+def length_warnings(lengths: list[int], trained: int | None, max_positions: int | None, label: str,
+                    given: bool = True) -> list[str]:
     """Warnings for ``eval.lengths`` beyond what the model saw or is configured for: above the run's
     ``data.seq_len`` (``trained``; None for an HF dir without a run) the numbers measure length extrapolation;
-    above ``max_position_embeddings`` (``max_positions``) RoPE runs at positions the model was not set up for."""
+    above ``max_position_embeddings`` (``max_positions``) RoPE runs at positions the model was not set up for.
+    ``given=False``: the lengths are the defaults (``default_lengths``), and the warning says so."""
     out = []
+    what = "eval.lengths" if given else "the default eval.lengths (set eval.lengths to choose)"
     beyond = [n for n in lengths if trained and n > trained]
     if beyond:
-        out.append(f"{label}: eval.lengths {beyond} exceed the data.seq_len={trained} it trained at: those results "
+        out.append(f"{label}: {what} {beyond} exceed the data.seq_len={trained} it trained at: those results "
                    "measure length extrapolation")
     past = [n for n in lengths if max_positions and n > max_positions]
     if past:
-        out.append(f"{label}: eval.lengths {past} exceed its max_position_embeddings={max_positions}: positions the "
+        out.append(f"{label}: {what} {past} exceed its max_position_embeddings={max_positions}: positions the "
                    "model is not configured for (extend it with model.rope_scaling / max_position_embeddings)")
     return out
 
@@ -339,7 +344,8 @@ def evaluate_targets(cfg: EvalConfig, moba_overrides: dict | None = None) -> lis
             attn = set_attention(lm, t, cfg, moba_overrides or {})
         lengths = list(s.lengths) or default_lengths(t.run_cfg.data.seq_len if t.run_cfg else 1024)
         for warning in length_warnings(lengths, t.run_cfg.data.seq_len if t.run_cfg else None,
-                                       getattr(lm.config, "max_position_embeddings", None), t.path.name):
+                                       getattr(lm.config, "max_position_embeddings", None), t.path.name,
+                                       given=bool(s.lengths)):
             log.warning(warning)
         total = tasks_mod.progress_total(list(s.tasks), lengths, list(s.depths), s.trials)
         show = progress_shown(cfg.progress_bar)

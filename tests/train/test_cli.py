@@ -148,7 +148,9 @@ def test_resume_errors_come_without_a_traceback_and_a_run_directory_resumes(tmp_
     ``resume=<run dir>`` takes that run's newest checkpoint, as eval / export take a run directory."""
     first = tmp_path / "first"
     run_train(["train.max_steps=2", "checkpoint.every=2"], first, data_cache)
-    for args, message in (([f"resume={first}", "model.hidden_size=128"], "model.hidden_size=64 there, 128 now"),
+    for args, message in (([f"resume={first}", "model.hidden_size=128"],
+                           "model.hidden_size=64 there, 128 now. Use the same settings, or leave out resume= to start "
+                           "fresh"),
                           ([f"resume={tmp_path}"], "is neither auto, none, a run directory with checkpoints")):
         proc = run_train(["train.max_steps=3", *args], tmp_path / "second", data_cache, check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -185,6 +185,8 @@ def test_lengths_beyond_training_or_positions_are_named():
     assert "eval.lengths [2048, 4096] exceed the data.seq_len=1024 it trained at" in extra
     extra, past = length_warnings([512, 8192], 1024, 4096, "r")
     assert "[8192] exceed the data.seq_len=1024" in extra and "[8192] exceed its max_position_embeddings=4096" in past
+    (default,) = length_warnings([256, 512, 1024], None, 512, "hf", given=False)
+    assert "the default eval.lengths (set eval.lengths to choose) [1024] exceed its max_position_embeddings" in default
 
 
 def test_exported_model_is_evaluated_with_its_recorded_moba_settings(tmp_path):
@@ -252,8 +254,7 @@ def test_eval_bad_setting_prints_the_error_alone():
 @pytest.mark.parametrize(
     "args,message",
     [
-        pytest.param(["runs/no_such_run"], "error: eval.targets: runs/no_such_run is neither a run directory",
-                     id="missing-target"),
+        pytest.param(["runs/no_such_run"], "error: eval.targets: runs/no_such_run does not exist", id="missing-target"),
         pytest.param([], "error: no target: python -m train.eval", id="no-target"),
         pytest.param(["runs/x", "eval.lenghts=[256]"], "error: eval.lenghts is not a setting (did you mean "
                      "eval.lengths?)", id="typo"),
