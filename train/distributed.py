@@ -128,6 +128,8 @@ def shutdown_distributed() -> None:
     active exception" after its work was saved, and NCCL warns that ``destroy_process_group()`` was not called.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # every rank reaches the teardown before any tears its threads down
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
