@@ -11,6 +11,10 @@ cp -r moba_core kernels "$work/old/"
 cp -r moba_core kernels "$work/new/"
 # only the hunks of the copied code (a patch may also carry its tests)
 (cd "$work/new" && git apply --include='kernels/*' --include='moba_core/*' "$patch_file")
+# git apply exits 0 when --include leaves no hunk (other paths, another -p): two equal copies are no A/B
+if diff -rq "$work/old" "$work/new" > /dev/null; then
+  echo "$patch_file changed nothing under kernels/ or moba_core/" >&2; exit 1
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 i=0
 for tag in old new new old; do

@@ -7,6 +7,19 @@ from dataclasses import dataclass, field, replace
 LAYER_KEYS = ("block_size", "top_k")  # the settings a layer of ``MoBAConfig.layers`` may override
 
 
+def repeated_layer(indices, num_layers: int) -> tuple[int, int] | None:
+    """The first two entries of ``indices`` (layer indices, negative ones from the end) that name the same layer
+    of a model of ``num_layers`` layers, as given (``(1, -3)`` of 4 layers); None when every layer is named once.
+    Entries that are not ints in ``[-num_layers, num_layers)`` are skipped (their own check names them)."""
+    seen = {}
+    for i in indices:
+        if isinstance(i, int) and not isinstance(i, bool) and -num_layers <= i < num_layers:
+            if i % num_layers in seen:
+                return seen[i % num_layers], i
+            seen[i % num_layers] = i
+    return None
+
+
 @dataclass
 class MoBAConfig:
     """MoBA settings, checked on construction.
@@ -73,15 +86,14 @@ class MoBAConfig:
                     f"moba.full_attn_layers contains {i}, outside a model of {num_layers} layers"
                 )
             full.add(i % num_layers)
-        seen = {}
         for i in self.layers:
             if not -num_layers <= i < num_layers:
                 raise ValueError(f"moba.layers sets layer {i}, outside a model of {num_layers} layers")
             if i % num_layers in full:
                 raise ValueError(f"moba.layers sets layer {i}, which moba.full_attn_layers keeps full")
-            if i % num_layers in seen:
-                raise ValueError(f"moba.layers sets layer {i % num_layers} twice (as {seen[i % num_layers]} and {i})")
-            seen[i % num_layers] = i
+        twice = repeated_layer(self.layers, num_layers)
+        if twice:
+            raise ValueError(f"moba.layers sets layer {twice[1] % num_layers} twice (as {twice[0]} and {twice[1]})")
         return [i for i in range(num_layers) if i not in full]
 
     def for_layer(self, layer: int, num_layers: int) -> MoBAConfig:

@@ -51,6 +51,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .sweep import override_key
+
 MARK_BEGIN, MARK_END = "<!-- train-bench:begin -->", "<!-- train-bench:end -->"
 DEFAULT_POINTS = ("32768:full,32768:512:8,32768:4096:12,32768:full@nockpt,32768:512:8@nockpt,"
                   "131072:full,131072:512:8,131072:4096:12,262144:512:8,524288:512:8,1048576:512:8")
@@ -156,7 +158,7 @@ def check_extra(extra: list[str]) -> None:
         ValueError: naming the override and the option that sets it.
     """
     for o in extra:
-        key = o.lstrip("+~").split("=", 1)[0]
+        key = override_key(o)
         flag = POINT_KEYS.get(key) or ("--points" if key.startswith("schedule.") else None)
         if flag:
             raise ValueError(f"override {o!r} after -- would replace the benchmark's own {key}: set it with {flag}")

@@ -335,11 +335,11 @@ def cold_first_calls(points: list[str], heads: int = H, head_dim: int = D, timeo
     first-call target, 20 s; the table's "first call" column comes after its float64 check compiled them)."""
     out = []
     for p in points:
-        env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="moba-cold-triton-")}
         cmd = [sys.executable, "-m", "train.bench_kernels", "--cold-one", p, "--cold-shape", f"{heads}:{head_dim}"]
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
-                                  cwd=Path(__file__).resolve().parents[1])
+            with tempfile.TemporaryDirectory(prefix="moba-cold-triton-") as cache:
+                proc = subprocess.run(cmd, env={**os.environ, "TRITON_CACHE_DIR": cache}, capture_output=True,
+                                      text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[1])
         except subprocess.TimeoutExpired:
             out.append((p, f"over {timeout_s:.0f} s"))
             continue
@@ -369,9 +369,10 @@ def main(argv=None):
         return 0
     if args.cold:
         print("| point | cold first call s (new process, empty Triton cache; target <= 20) |\n|---|---|")
-        for p, sec in cold_first_calls(args.points, heads, head_dim):
+        results = cold_first_calls(args.points, heads, head_dim)
+        for p, sec in results:
             print(f"| {p} | {sec if isinstance(sec, str) else f'{sec:.1f}'} |", flush=True)
-        return 0
+        return 1 if any(isinstance(sec, str) for _, sec in results) else 0  # a point that failed: exit 1
     if not torch.cuda.is_available():
         print("error: python -m train.bench_kernels needs a CUDA device (the kernels are tested on the CPU by "
               "make test)", file=sys.stderr)

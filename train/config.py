@@ -22,10 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from moba_core import MoBAConfig
 from moba_core.attention import triton_available
+from moba_core.config import repeated_layer
 from moba_core.schedule import Schedule, fraction_step, uses_moba
 from moba_core.varlen import cudnn_env
 
 from .eval_tasks import check_tasks
+from .sweep import override_key
 
 
 class ConfigError(ValueError):
@@ -225,7 +227,7 @@ class ScheduleConfig:
         out = []
         readers = {f: [n for n, read in self.FIELDS_READ.items() if f in read] for f in self.__dataclass_fields__}
         for o in overrides:
-            key, _, value = o.lstrip("+~").partition("=")
+            key, value = override_key(o), o.partition("=")[2]
             field_name = key.removeprefix("schedule.")
             if key.startswith("schedule.") and field_name in readers and field_name != "name" \
                     and field_name not in self.FIELDS_READ.get(self.name, ()):
@@ -458,13 +460,11 @@ class RunConfig:
             f = self.moba.full_attn_layers
             if isinstance(f, int) and f > layers:
                 raise ValueError(f"moba.full_attn_layers={f} asks for more full layers than the model's {layers}")
-            if isinstance(f, (list, tuple)):  # [0, 0] or [1, -3] of 4 layers: a typo for another layer, most likely
-                seen = {}
-                for i in f:
-                    if isinstance(i, int) and -layers <= i < layers and i % layers in seen:
-                        raise ValueError(f"moba.full_attn_layers={list(f)!r} names layer {i % layers} twice (as "
-                                         f"{seen[i % layers]} and {i}) in a model of {layers} layers")
-                    seen[i % layers] = i
+            # [0, 0] or [1, -3] of 4 layers: a typo for another layer, most likely
+            twice = repeated_layer(f, layers) if isinstance(f, (list, tuple)) else None
+            if twice:
+                raise ValueError(f"moba.full_attn_layers={list(f)!r} names layer {twice[1] % layers} twice (as "
+                                 f"{twice[0]} and {twice[1]}) in a model of {layers} layers")
             if moba_runs:  # raise on an index outside the model
                 moba_layers = self.moba.to_moba_config().moba_layers(layers)
                 self.schedule.to_schedule().moba_layers_at(0, self.train.max_steps, moba_layers, layers)
@@ -595,7 +595,7 @@ def from_checkpoint_unless_overridden(cfg: DictConfig, overrides: Sequence[str])
     """
     if not cfg.model.get("name_or_path"):
         return []
-    given = {o.lstrip("+~").split("=", 1)[0].strip() for o in overrides}
+    given = {override_key(o) for o in overrides}
     kept = []
     for key in CHECKPOINT_FIELDS:
         if f"model.{key}" in given:

@@ -121,15 +121,22 @@ def _unlink_cpu_allreduce_buffer(rank: int) -> None:
         os.unlink(os.path.join(SHM_DIR, name))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_all: bool = True) -> None:
     """Destroy the default process group, if one was started, once a launch's last job is done (the jobs of a
     Hydra multirun share one process and one group). Left to the interpreter's exit, the backend's threads
     (gloo's, NCCL's) are torn down in no fixed order: a rank could abort with "terminate called without an
     active exception" after its work was saved, and NCCL warns that ``destroy_process_group()`` was not called.
+
+    Args:
+        wait_for_all: first a barrier, so that no rank tears its threads down while another still talks to it.
+            Only for a launch every rank ends together (finished, or stopped by a signal after saving): a rank
+            that failed alone would wait there for the others until the group's timeout (30 minutes), where it
+            should exit at once and let the launcher stop the rest.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        with contextlib.suppress(Exception):  # every rank reaches the teardown before any tears its threads down
-            torch.distributed.barrier()
+        if wait_for_all:
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -49,6 +49,7 @@ from .config import (
 )
 from .eval_tasks import TASKS
 from .metrics import progress_shown
+from .sweep import override_key
 
 log = logging.getLogger("train.eval")
 
@@ -456,7 +457,7 @@ ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 def main(cfg: DictConfig) -> None:
     with exit_on_bad_setting():
         ecfg = to_eval_config(cfg)
-    given = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task}
+    given = {override_key(o) for o in HydraConfig.get().overrides.task}
     overrides = {k.split(".", 1)[1]: getattr(ecfg.moba, k.split(".", 1)[1]) for k in given if k.startswith("moba.")}
     with exit_on_bad_setting(ConfigError):
         evaluate_targets(ecfg, overrides)

@@ -118,3 +118,17 @@ def test_cold_first_calls_run_each_point_in_a_new_process(monkeypatch):
     (p, sec), (bad, err) = cold_first_calls(["64:16:2", "64-16-2"], heads=2, head_dim=16, timeout_s=300)
     assert p == "64:16:2" and isinstance(sec, float) and 0 < sec < 300
     assert bad == "64-16-2" and err.startswith("err: ") and "must look like [NSEQ x]SEQ_LEN:BLOCK:TOP_K" in err
+
+
+def test_cold_mode_exits_1_when_a_point_fails(monkeypatch, capsys):
+    """``python -m train.bench_kernels --cold``: the table names the failed point and the exit status is 1 (so
+    ``launch/h200_session.sh cold`` reports it), 0 when every point ran (``cold_first_calls`` stubbed here; its
+    processes are tested above)."""
+    import train.bench_kernels as bk
+
+    results = {"ok": [("64:16:2", 1.5)], "bad": [("64:16:2", 1.5), ("64-16-2", "err: must look like")]}
+    for case, expect in (("ok", 0), ("bad", 1)):
+        monkeypatch.setattr(bk, "cold_first_calls", lambda points, heads, head_dim, r=results[case]: r)
+        assert bk.main(["--cold", "--points", "64:16:2"]) == expect
+        table = capsys.readouterr().out
+        assert "| 64:16:2 | 1.5 |" in table and ("| 64-16-2 | err: must look like |" in table) == (case == "bad")

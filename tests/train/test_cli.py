@@ -125,9 +125,10 @@ def test_a_run_dir_held_by_another_launch_is_an_error_line_and_is_kept(tmp_path,
     assert json.loads((run_dir / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
-def test_a_refused_launch_never_removes_the_working_directory(tmp_path):
-    """``hydra.run.dir=.`` in an empty working directory: the refused launch's folder is the working directory,
-    which stays (only a folder Hydra made that holds nothing but its log is removed)."""
+@pytest.mark.parametrize("run_dir", [".", "mine", "made"])
+def test_a_refused_launch_removes_only_the_folder_hydra_made(tmp_path, run_dir):
+    """A refused launch's folder holding nothing but Hydra's log is removed only when Hydra made it ("made"): the
+    working directory (``hydra.run.dir=.``) and an empty folder the user made before the launch ("mine") stay."""
     import os
     import subprocess
     import sys
@@ -135,12 +136,13 @@ def test_a_refused_launch_never_removes_the_working_directory(tmp_path):
     from .conftest import REPO
 
     cwd = tmp_path / "work"
-    cwd.mkdir()
+    (cwd / "mine").mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "train", "moba.top_k=0", "hydra.run.dir=."], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "train", "moba.top_k=0", f"hydra.run.dir={cwd / run_dir}"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "error: moba.top_k=0" in proc.stderr
-    assert cwd.is_dir()
+    assert cwd.is_dir() and (cwd / "mine").is_dir()
+    assert (cwd / run_dir).exists() == (run_dir != "made")
 
 
 def test_resume_errors_come_without_a_traceback_and_a_run_directory_resumes(tmp_path, data_cache):

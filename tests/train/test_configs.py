@@ -112,6 +112,14 @@ def test_a_layer_named_twice_in_full_attn_layers_is_refused_at_launch(full):
     _composed(f"moba.full_attn_layers=[{a},{(b + 1) % 4}]").check(shape=(4, 2, 4))
 
 
+@pytest.mark.parametrize("full", [[5, 1], [1, 5], [-5, 3]])
+def test_an_index_outside_the_model_in_full_attn_layers_is_named_as_such(full):
+    """``[5, 1]`` of 4 layers: 5 is outside the model (not "layer 1 twice", which 5 % 4 would suggest)."""
+    bad = next(i for i in full if not -4 <= i < 4)
+    with pytest.raises(ValueError, match=rf"moba.full_attn_layers contains {bad}, outside a model of 4 layers"):
+        _composed(f"moba.full_attn_layers=[{full[0]},{full[1]}]").check(shape=(4, 2, 4))
+
+
 @pytest.mark.parametrize(
     "overrides,expect",
     [

@@ -57,3 +57,30 @@ print("ok")
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok"
+
+
+@pytest.mark.parametrize("wait_for_all", [True, False])
+def test_shutdown_waits_for_the_other_ranks_only_when_asked(monkeypatch, wait_for_all):
+    """A launch every rank ends together meets at a barrier before the group is destroyed (no rank tears down
+    gloo's threads while another still uses them); a rank that failed alone must not: it would wait there for
+    the others until the group's timeout."""
+    import torch.distributed as dist
+
+    from train.distributed import shutdown_distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    shutdown_distributed(wait_for_all=wait_for_all)
+    assert calls == (["barrier", "destroy"] if wait_for_all else ["destroy"])
+
+
+@pytest.mark.parametrize("code, together", [(None, True), (0, True), (143, True), (138, True), (1, False),
+                                            (2, False), ("error: moba.top_k=0 ...", False), (True, False)])
+def test_which_exits_end_every_rank_together(code, together):
+    """Finished runs (0 / None) and runs stopped by a signal after saving (128 + signal, agreed between ranks)
+    end on every rank at once; errors (1, "error: ..." texts) may be one rank's alone."""
+    from train.__main__ import ended_together
+
+    assert ended_together(code) is together
