@@ -51,10 +51,13 @@ def as_config_error():
 @contextlib.contextmanager
 def exit_on_bad_setting(kind: type[Exception] = ValueError):
     """Turn a ``kind`` raised inside into ``SystemExit("error: <message>")`` (exit status 1): a bad setting is shown
-    by its message alone, not by Hydra's "Error executing job" and a traceback of our own check."""
+    by its message alone, not by Hydra's "Error executing job" and a traceback of our own check. With
+    ``HYDRA_FULL_ERROR=1`` (Hydra's own switch for full tracebacks) the error is raised as it is."""
     try:
         yield
     except kind as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         raise SystemExit(f"error: {e}") from None
 
 

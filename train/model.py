@@ -171,6 +171,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             the command line differs from it, or its vocabulary is smaller than the tokenizer's
             (``vocab_size``).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     restore_unfused_modules()
@@ -178,9 +179,13 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.name_or_path:
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_cfg, dtype=torch.float32)
-        except Exception as e:  # noqa: BLE001 - missing / truncated weights; safetensors raises its own type
+        except torch.OutOfMemoryError:
+            raise
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing / truncated / mismatched weights
+            lines = str(e).strip().splitlines()
+            detail = "\n".join(lines[:6]) + ("\n  ..." if len(lines) > 6 else "")
             raise ValueError(f"model.name_or_path={cfg.name_or_path}: its weights cannot be loaded "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                             f"({type(e).__name__}: {detail})") from e
         log.info("loaded %s (%.1fM parameters, rope_theta %s, rope_scaling %s)", cfg.name_or_path,
                  count_params(model) / 1e6, rope_theta_of(model.config), rope_scaling_of(model.config))
         return model

@@ -100,3 +100,16 @@ def test_overrides_of_checkpoint_fields_are_logged_as_changes(init_checkpoint, c
     assert "rope_theta 500000.0 -> 1000000.0" in caplog.text
     assert "max_position_embeddings 4096 -> 8192" in caplog.text
     assert lm.config.max_position_embeddings == 8192
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_weights_that_cannot_be_loaded_are_named_with_the_loader_error(tmp_path, init_checkpoint, damage):
+    """A weights file cut short or with a broken header: a ValueError naming the setting, the path and the loader's
+    own error type and message (shown as ``error: ...`` by ``python -m train``)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(init_checkpoint, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 8 + data[8:])
+    with pytest.raises(ValueError, match=rf"model.name_or_path={bad}: its weights cannot be loaded \(\w+Error: .+"):
+        build_model(model_cfg(bad), 1)
