@@ -110,14 +110,17 @@ def _read_files(root: Path, files: list[Path]) -> datasets.Dataset:
 def _table_error(path: Path, cause: Exception | None) -> ValueError:
     """The error for a table file that `datasets` could not read as text rows: the first bad row as `python -m
     data.prepare`'s row checks name it (`sources.read_rows`: file, line, field), else the reader's own error."""
-    from .sources import Source, read_rows  # sources imports this module
+    from .sources import TEXT_FIELD_HINT, Source, read_rows  # sources imports this module
 
     try:
         for _ in read_rows(Source(path=str(path))):  # raises ValueError at the first row it cannot take
             pass
     except ValueError as e:  # "<file> line 7 field 'text': ..." -> "data.path=<file>: line 7 field 'text': ..."
-        msg = str(e)
-        return ValueError(f"data.path={path}: {msg.removeprefix(f'{path} ')}")
+        msg = str(e).removeprefix(f"{path} ")
+        if msg.endswith(TEXT_FIELD_HINT):  # training reads the "text" field; data.prepare takes another one
+            msg = msg.removesuffix(TEXT_FIELD_HINT) + (" (training reads the 'text' field; python -m data.prepare "
+                                                       "data.text_field=<column> converts a table with another one)")
+        return ValueError(f"data.path={path}: {msg}")
     detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     return ValueError(f"data.path={path}: cannot be read as a {path.suffix[1:]} table of text rows{detail}")
 

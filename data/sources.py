@@ -184,6 +184,9 @@ def source_fingerprint(source: Source) -> str:
 MISSING = object()
 
 
+TEXT_FIELD_HINT = " (is data.text_field / data.sources[].text_field the text column?)"  # data.prepare's settings
+
+
 def check_row(value, where: str, field: str) -> tuple[str, str]:
     """Classify one row's text value: returns `(text, "")` for a document to keep, or `("", reason)` with
     reason in `DROP_REASONS`. `where` names the file and row for errors ("books.jsonl line 7").
@@ -197,8 +200,8 @@ def check_row(value, where: str, field: str) -> tuple[str, str]:
     if not isinstance(value, str):
         shown = repr(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise ValueError(f"{where} field {field!r}: expected a string, got {type(value).__name__} {shown} "
-                         f"(is data.text_field / data.sources[].text_field the text column?)")
+        raise ValueError(f"{where} field {field!r}: expected a string, got {type(value).__name__} {shown}"
+                         f"{TEXT_FIELD_HINT}")
     if not value:
         return "", "empty"
     if not value.strip():

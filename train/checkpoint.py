@@ -158,14 +158,20 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, rank:
     return ckpt_dir / tag
 
 
+def checkpoint_dir(setting: str | None, run_dir: Path) -> Path:
+    """Where a run in ``run_dir`` with ``checkpoint.dir=setting`` keeps its checkpoints: ``setting`` when set,
+    else ``run_dir/checkpoints``."""
+    return Path(setting) if setting else Path(run_dir) / "checkpoints"
+
+
 def run_checkpoint_dir(run_dir: Path) -> Path:
     """Where the run in ``run_dir`` keeps its checkpoints: the ``checkpoint.dir`` its ``config.json`` records
     when it set one, else ``run_dir/checkpoints``."""
     try:
-        d = json.loads((run_dir / "config.json").read_text()).get("checkpoint", {}).get("dir")
+        d = json.loads((Path(run_dir) / "config.json").read_text()).get("checkpoint", {}).get("dir")
     except (OSError, ValueError, AttributeError):
         d = None
-    return Path(d) if d else run_dir / "checkpoints"
+    return checkpoint_dir(d, run_dir)
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
@@ -247,7 +253,8 @@ def check_resume_compatible(ckpt_dir: Path, tag: str, run_config: dict) -> None:
     diff = [f"{k}={value(saved, k)!r} there, {value(run_config, k)!r} now" for k in RESUME_KEYS
             if value(saved, k) != value(run_config, k)]
     if diff:
-        fresh = ("leave out resume= to start fresh" if _get(run_config, "resume") not in (None, "auto", "none")
+        explicit = _get(run_config, "resume") not in (None, "auto", "none")
+        fresh = ("leave out resume= to start fresh (in a hydra.run.dir without checkpoints of its own)" if explicit
                  else "another hydra.run.dir (or resume=none there) to start fresh")
         raise ValueError(f"cannot resume from {ckpt_dir / tag}: " + "; ".join(diff)
                          + f". Use the same settings, or {fresh}")

@@ -162,7 +162,7 @@ def resolve_target(path: str) -> Target:
     if cfg is None:
         raise ValueError(f"eval.targets: {path} is neither a run directory (config.json), a checkpoint "
                          "(checkpoints/step_N) nor an HF model directory")
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else p / "checkpoints"
+    ckpt_dir = ckpt.checkpoint_dir(cfg.checkpoint.dir, p)
     tag = ckpt.latest_tag(ckpt_dir)
     from .loop import exported_step
 

@@ -38,7 +38,7 @@ MODULE_PREFIX = "lm."  # the training module (PackedCausalLM) holds the HF model
 
 def find_checkpoint(src: Path) -> tuple[Path, str]:
     """``(checkpoint dir, tag)`` of a tag dir, a checkpoint dir (its newest complete tag) or a run dir
-    (``<run dir>/checkpoints``).
+    (``<run dir>/checkpoints``, or the ``checkpoint.dir`` its ``config.json`` records).
 
     Raises:
         ValueError: naming the path when it holds no loadable checkpoint.
@@ -49,12 +49,13 @@ def find_checkpoint(src: Path) -> tuple[Path, str]:
         if problem:
             raise ValueError(f"checkpoint {src} cannot be exported: {problem}")
         return src.parent, src.name
-    for d in (src, src / "checkpoints"):
+    for d in (src, ckpt.run_checkpoint_dir(src)):
         if ckpt.list_tags(d):
             tag = ckpt.latest_tag(d)
             if tag:
                 return d, tag
-    raise ValueError(f"{src} is neither a checkpoint (step_*), a checkpoint dir nor a run dir with checkpoints/")
+    raise ValueError(f"{src} is neither a checkpoint (step_*), a checkpoint dir nor a run dir with checkpoints/ "
+                     "(or the checkpoint.dir its config.json records)")
 
 
 def run_config_of(ckpt_dir: Path, tag: str) -> RunConfig:

@@ -263,7 +263,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
         if rank == 0:  # once per run, not once per process
             for warning in cfg.warnings():
                 log.warning(warning)
-        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+        ckpt_dir = ckpt.checkpoint_dir(cfg.checkpoint.dir, run_dir)
         resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
         run_config = {**config_dict, "world_size": world_from_env()[1]}
         if resume is not None:

@@ -20,9 +20,12 @@ from .conftest import run_train, small_data_args
     pytest.param(2, 2, 1, id="zero2-dp2"), pytest.param(3, 2, 2, id="zero3-sp2")])
 def test_export_equals_the_training_model_and_records_moba(tmp_path, small_corpus, zero, nproc, sp):
     run_dir = tmp_path / "run"
+    # ZeRO-1: checkpoints kept outside the run dir (checkpoint.dir), found through the run's config.json
+    ckpt_root = tmp_path / "elsewhere" if zero == 1 else run_dir / "checkpoints"
     run_train([*small_data_args(small_corpus), f"parallel.zero_stage={zero}", f"parallel.sp_size={sp}",
                "train.max_steps=2", "train.micro_batch_size=1", "checkpoint.every=1", "checkpoint.export_hf=true",
-               "moba.full_attn_layers=[1]", "model.rope_scaling={rope_type:linear,factor:2.0}", "data.packing=pad"],
+               "moba.full_attn_layers=[1]", "model.rope_scaling={rope_type:linear,factor:2.0}", "data.packing=pad",
+               *([f"checkpoint.dir={ckpt_root}"] if zero == 1 else [])],
               run_dir, small_corpus[1], nproc=nproc)
     out = tmp_path / "exported"
     assert export_main([str(run_dir), str(out)]) == 0
@@ -51,7 +54,7 @@ def test_export_equals_the_training_model_and_records_moba(tmp_path, small_corpu
     gen = exported.generate(ids[:, :40], max_new_tokens=3, do_sample=False)  # with its generation config
     assert gen.shape[1] <= 43 and torch.equal(gen[:, :40], ids[:, :40])
     # An earlier checkpoint, named directly, differs.
-    assert export_main([str(run_dir / "checkpoints" / "step_00000001"), str(tmp_path / "s1")]) == 0
+    assert export_main([str(ckpt_root / "step_00000001"), str(tmp_path / "s1")]) == 0
     with torch.no_grad():
         c = load_moba_model(tmp_path / "s1")(ids).logits
     assert not torch.allclose(a, c)
