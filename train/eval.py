@@ -220,6 +220,9 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
     tok = load_tokenizer(spec, corpus_id="", train_texts=None, cache_dir=Path(cache or "."))
     where = "eval.data_path" if s.data_path is not None else f"the data of {t.path} (its run's data.path)"
 
+    def data_error(e: ValueError) -> str:  # the reader names data.path=<path>; here the path comes from ``where``
+        return f"{where}: {str(e).replace(f'data.path={path}: ', f'{path}: ', 1)}"
+
     def val_at(n: int):
         # read when a task first needs length n: its errors (a file gone, a bad row) are ConfigErrors naming the source
         try:
@@ -233,12 +236,12 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
             return build_data(path=path, tokenizer=spec, seq_len=n, packing="pad", split="val", cache_dir=cache,
                               documents=documents)[0]
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from e
+            raise ConfigError(data_error(e)) from e
 
     try:  # a path that does not exist (or a file of another kind) fails now, before the model is loaded
         corpus_fingerprint(path)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise ValueError(data_error(e)) from e
     return tok, val_at
 
 
@@ -328,7 +331,8 @@ def evaluate_targets(cfg: EvalConfig, moba_overrides: dict | None = None) -> lis
     Raises:
         ValueError: no target, a setting / target that cannot be evaluated (naming it), or a bad
             ``MOBA_CUDNN_ATTENTION`` / ``MOBA_CUDNN_MIN_SEQLEN`` (``moba_core.varlen.cudnn_env``), before any model
-            is loaded.
+            is loaded. Errors in a target's data rows found while its lengths are read come as ``ConfigError``
+            during that target (the eval.json of earlier targets is written by then).
     """
     s = cfg.eval
     with as_config_error():

@@ -188,8 +188,8 @@ class RunDirLock:
     ``checkpoint.dir`` outside it). ``setting`` names the override each directory comes from.
 
     Raises (``acquire``):
-        ValueError: a directory is held by another live launch, naming the directory, the holder and the
-            lock file.
+        ConfigError (a ValueError): a directory is held by another live launch, naming the directory, the holder
+            and the lock file.
     """
 
     def __init__(self, dirs: list[tuple[str, Path]]):
@@ -276,7 +276,7 @@ def claim_run_dir(run_dir: Path, ckpt_dir: Path | None = None) -> Iterator[None]
     when rank 0 fails) and ``check_same_run_dir`` compares directories once the process group exists.
 
     Raises:
-        ValueError: the directory is held by another launch, or this rank's directory is not rank 0's.
+        ConfigError (a ValueError): the directory is held by another launch, or this rank's directory is not rank 0's.
     """
     run_dir = Path(run_dir).resolve()
     dirs = [("hydra.run.dir", run_dir)]
@@ -317,7 +317,7 @@ def check_same_run_dir(run_dir: Path) -> None:
     with rank 0's.
 
     Raises:
-        ValueError: on every rank when any rank's directory differs, naming rank 0's and the others'.
+        ConfigError (a ValueError): on every rank when any rank's directory differs, naming rank 0's and the others'.
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return

@@ -268,3 +268,18 @@ def test_eval_bad_target_or_key_prints_the_error_alone(args, message):
                           timeout=300)
     assert proc.returncode == 1
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bad_row_in_eval_data_path_is_named_by_setting_file_and_line(tmp_path, init_checkpoint):
+    """A table at ``eval.data_path`` with a row that is not text: a ConfigError when the length is first read,
+    naming the setting, the file and the line (the corpus reader's own ``data.path=`` is not what the user set)."""
+    from train.config import ConfigError
+    from train.eval import tokenizer_and_data
+
+    table = tmp_path / "docs.jsonl"
+    table.write_text('{"text": "alpha beta gamma"}\n{"text": 5}\n')
+    hf = Target(init_checkpoint, init_checkpoint, "hf", None, None, None)
+    _, val_at = tokenizer_and_data(hf, EvalSettings(data_path=str(table), cache_dir=str(tmp_path / "cache")))
+    message = f"eval.data_path: {table}: line 2 field 'text': expected a string"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        val_at(64)
