@@ -88,7 +88,7 @@ def _bwd_tile(k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, dq_rows, rmask, qk_sc
     return dk, dv
 
 
-@triton.jit(do_not_specialize=['LIST0', 'LIST1'])  # layout counts: one compile for every packing
+@triton.jit(do_not_specialize=['LIST0', 'LIST1', 'CAP'])  # layout counts and head chunks: one compile each
 def _gather_rows_kernel(
     q_ptr, do_ptr, lse_ptr, delta_ptr, qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, entries_ptr, list_ptr,
     stride_qt, stride_qh, stride_dot, stride_doh, T, KSEL: tl.constexpr, LIST0, LIST1, CAP,
@@ -126,7 +126,7 @@ def _gather_rows_kernel(
         tl.store(dg_ptr + row, tl.load(delta_ptr + hq * T + t, mask=m), mask=m)
 
 
-@triton.jit(do_not_specialize=['NB', 'LIST0', 'HC'])  # layout counts: one compile for every packing
+@triton.jit(do_not_specialize=['NB', 'LIST0', 'HC', 'HKV0', 'CAP'])  # layout counts and head chunks: one compile each
 def _dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dqacc_ptr,
     qg_ptr, dog_ptr, lg_ptr, dg_ptr, tg_ptr, list_ptr, block_start_ptr, block_len_ptr, block_first_ptr, order_ptr,
@@ -225,7 +225,7 @@ def _dq_tile(q, do, lse, delta, k_ptr, v_ptr, kv_rows, hkv, stride_kt, stride_kh
     return tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
 
-@triton.jit(do_not_specialize=['NB', 'LIST0', 'LIST1'])  # layout counts: one compile for every packing
+@triton.jit(do_not_specialize=['NB', 'LIST0', 'LIST1', 'HQ0'])  # layout counts and head chunks: one compile each
 def _list_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqpart_ptr,
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,
@@ -267,7 +267,7 @@ def _list_dq_kernel(
         tl.store(dqpart_ptr + row[:, None] * D + offs_d[None, :], dq.to(dqpart_ptr.dtype.element_ty), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['HQ0'])  # head chunks: one compile for every chunking
 def _diag_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dqpart_ptr, sel_ptr,
     block_start_ptr, block_len_ptr, sparse_ptr,

@@ -85,7 +85,7 @@ def partial_row(sel_ptr, hq, hkv, t, rmask, T, HQ0, KSEL, j, GROUP: tl.constexpr
     return ((hq - HQ0) * T + t) * KSEL + j, ok
 
 
-@triton.jit(do_not_specialize=['NB', 'LIST0', 'LIST1'])  # layout counts: one compile for every packing
+@triton.jit(do_not_specialize=['NB', 'LIST0', 'LIST1', 'HQ0'])  # layout counts and head chunks: one compile each
 def _list_fwd_kernel(
     q_ptr, k_ptr, v_ptr, opart_ptr, lpart_ptr,
     entries_ptr, list_ptr, tile_list_ptr, tile_first_ptr, block_start_ptr,
@@ -139,7 +139,7 @@ def _list_fwd_kernel(
                  mask=me[:, None] & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['HQ0'])  # head chunks: one compile for every chunking
 def _combine_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, opart_ptr, lpart_ptr, sel_ptr,
     block_start_ptr, block_len_ptr, sparse_ptr,
