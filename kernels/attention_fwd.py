@@ -15,7 +15,7 @@ Kernels (flash-decoding's split-and-combine, with the splits given by the routin
     2. ``_combine_fwd_kernel``: per tile of queries of one sparse block, the causal attention inside the
        block (an ordinary flash tile on the diagonal), merged with the KSEL partials by LSE in fp32;
        writes o and the global LSE (HQ, T). Slots the routing left empty (``sel < 0``) are skipped.
-Both run per chunk of HC heads so the partial buffers stay bounded (about the size of q).
+Both run per chunk of HC heads so the partial buffers stay bounded (about twice the size of q, ``partial_budget``).
 
 Layouts: q, o (T, HQ, D); k, v (T, HKV, D); any token and head strides (int64 offsets), head dim contiguous
 (stride 1: ``moba_core.triton_backend`` copies a tensor whose last stride is not 1); the list kernel reads K / V

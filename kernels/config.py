@@ -36,7 +36,9 @@ def kernel_config(name: str, block_size: int, head_dim: int, dtype: torch.dtype)
                 # 18.5 -> 17.3 ms at 131072:512:8); session 14 sweep (TMA K/V loads, constant KSEL): list forward
                 # at block 128 5.43 -> 5.30 ms with 128 x 32 tiles, 4 stages (2x65536:128:8), list dQ at block 512
                 # 17.33 -> 16.89 ms with 128 x 32 tiles on 4 warps (131072:512:8)
-                "list_fwd": (128, 32, 4, 4) if block_size <= 256 else (128, 64, 8, 3),
+                # session 16: blocks above 256 keys take 128-key tiles (131072:512:8 11.15 -> 10.30 ms, 131072:4096:12
+                # 61.5 -> 55.2, 32768:2048:3 1.94 -> 1.78; 4 stages exceed the shared memory)
+                "list_fwd": (128, 32, 4, 4) if block_size <= 256 else (128, 128, 8, 3),
                 "dkdv": (32, 64, 4, 3),
                 "dkdv_fused": (32, 128, 8, 3),
                 "list_dq": (128, 32, 4, 3),
