@@ -32,9 +32,9 @@ from .config import (
 )
 from .distributed import quiet_deepspeed, shutdown_distributed, world_from_env
 from .preemption import exit_status
-from .rundir import claim_run_dir, register_resolvers
-from .sweep import override_key, sweep_record
+from .rundir import PREEXISTING_RUN_DIRS, claim_run_dir, register_resolvers
 from .sweep import register_resolvers as register_sweep_resolvers
+from .sweep import sweep_record
 
 register_configs()
 register_resolvers()  # ${launch_time:...} in hydra.run.dir: the same directory on every rank
@@ -66,24 +66,10 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Ru
         raise
 
 
-# Folders named by hydra.run.dir= that existed before this launch (the user's): a refused launch keeps them.
-PREEXISTING_RUN_DIRS: set[Path] = set()
-
-
-def note_preexisting_run_dirs(argv: Sequence[str]) -> None:
-    """Record the ``hydra.run.dir=`` folders of the command line ``argv`` that exist before Hydra makes or writes
-    anything, for ``drop_if_untouched``."""
-    for o in argv:
-        if override_key(o) == "hydra.run.dir" and "=" in o:
-            path = Path(o.partition("=")[2].strip().strip("'\""))
-            if path.is_dir():
-                PREEXISTING_RUN_DIRS.add(path.resolve())
-
-
 def drop_if_untouched(run_dir: Path) -> None:
     """Remove ``run_dir`` when a launch refused before any work left nothing in it but Hydra's job log (the folder
     Hydra made for it): repeated mistakes leave no trail of empty run folders. A folder with anything else (an
-    earlier run's records or checkpoints), one that existed before the launch (``note_preexisting_run_dirs``),
+    earlier run's records or checkpoints), one that existed before the launch (``rundir.NotePreexistingRunDir``),
     and the working directory (or one above it) are kept as they are."""
     try:
         names = {p.name for p in run_dir.iterdir()}
@@ -142,7 +128,6 @@ def _main(cfg: DictConfig, run_dir: Path) -> float | None:
 if __name__ == "__main__":
     with exit_on_bad_setting():  # a mistyped key: say so (with the closest setting) before Hydra composes anything
         check_override_keys(sys.argv[1:])
-    note_preexisting_run_dirs(sys.argv[1:])
     together = False
     try:
         main()

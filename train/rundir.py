@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed as dist
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .config import ConfigError
@@ -92,6 +93,25 @@ def agreed_launch_time() -> float:
 def launch_time(pattern: str) -> str:
     """The resolver ``${launch_time:%Y-%m-%d}``: ``agreed_launch_time()`` formatted with a strftime pattern."""
     return dt.datetime.fromtimestamp(agreed_launch_time()).strftime(pattern)
+
+
+# Run folders that existed before this launch's Hydra made or wrote anything (a user's folder, an earlier run's):
+# a refused launch never removes them (``train.__main__.drop_if_untouched``).
+PREEXISTING_RUN_DIRS: set[Path] = set()
+
+
+class NotePreexistingRunDir(Callback):
+    """Hydra callback (``hydra.callbacks`` in configs/config.yaml): records whether the run folder exists before
+    Hydra makes it, from ``hydra.run.dir`` as Hydra resolves it (interpolations, escapes, ``~`` left as typed), in
+    ``PREEXISTING_RUN_DIRS``."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True)))
+        except Exception:  # noqa: BLE001 - an interpolation only Hydra's job can resolve: nothing recorded
+            return
+        if run_dir.is_dir():
+            PREEXISTING_RUN_DIRS.add(run_dir.resolve())
 
 
 def register_resolvers() -> None:
