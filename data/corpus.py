@@ -117,9 +117,10 @@ def _table_error(path: Path, cause: Exception | None) -> ValueError:
             pass
     except ValueError as e:  # "<file> line 7 field 'text': ..." -> "data.path=<file>: line 7 field 'text': ..."
         msg = str(e).removeprefix(f"{path} ")
-        if msg.endswith(TEXT_FIELD_HINT):  # training reads the "text" field; data.prepare takes another one
-            msg = msg.removesuffix(TEXT_FIELD_HINT) + (" (training reads the 'text' field; python -m data.prepare "
-                                                       "data.text_field=<column> converts a table with another one)")
+        if msg.endswith(TEXT_FIELD_HINT):  # data.path reads the "text" field; data.prepare takes another one
+            msg = msg.removesuffix(TEXT_FIELD_HINT) + (" (a table's text is read from its 'text' field; python -m "
+                                                       "data.prepare data.text_field=<column> converts a table with "
+                                                       "another one)")
         return ValueError(f"data.path={path}: {msg}")
     detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
     return ValueError(f"data.path={path}: cannot be read as a {path.suffix[1:]} table of text rows{detail}")

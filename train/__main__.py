@@ -104,6 +104,8 @@ def _main(cfg: DictConfig, run_dir: Path) -> float | None:
     overrides = list(HydraConfig.get().overrides.task)
     with exit_on_bad_setting():
         run_cfg = to_run_config(cfg, overrides)
+    if run_cfg.checkpoint.dir:  # recorded absolute in config.json: eval / export / resume= find it from any folder
+        run_cfg.checkpoint.dir = cfg.checkpoint.dir = str(Path(run_cfg.checkpoint.dir).expanduser().resolve())
     if world_from_env()[0] == 0:
         for warning in run_cfg.schedule.unused_overrides(overrides):
             log.warning(warning)

@@ -174,6 +174,24 @@ def run_checkpoint_dir(run_dir: Path) -> Path:
     return checkpoint_dir(d, run_dir)
 
 
+def check_same_checkpoint_dir(run_dir: Path, ckpt_dir: Path) -> None:
+    """Refuse a launch into ``run_dir`` that would save to ``ckpt_dir`` while the run's earlier launch kept its
+    checkpoints elsewhere (the ``checkpoint.dir`` its ``config.json`` records, or ``run_dir/checkpoints`` when it set
+    none): the launch would otherwise start from step 0 beside them and replace the run's records.
+
+    Raises:
+        ValueError: naming both folders and the setting that continues the run.
+    """
+    if not (Path(run_dir) / "config.json").is_file():
+        return
+    recorded = run_checkpoint_dir(run_dir)
+    if recorded.resolve() != Path(ckpt_dir).resolve() and list_tags(recorded):
+        raise ValueError(f"hydra.run.dir={run_dir} keeps its checkpoints in {recorded} (its earlier launch's "
+                         f"checkpoint.dir), but this launch would save them to {ckpt_dir}: set checkpoint.dir="
+                         f"{recorded if recorded != Path(run_dir) / 'checkpoints' else 'null'} to continue that run, "
+                         "or use another hydra.run.dir")
+
+
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     """Where to resume from: ``resume=auto`` (latest in ``ckpt_dir``, or None), ``none``, or a path to
     a checkpoint dir (its ``latest``), a tag dir inside one, or a run directory (the newest checkpoint of its
@@ -255,6 +273,7 @@ def check_resume_compatible(ckpt_dir: Path, tag: str, run_config: dict) -> None:
     if diff:
         explicit = _get(run_config, "resume") not in (None, "auto", "none")
         fresh = ("leave out resume= to start fresh (in a hydra.run.dir without checkpoints of its own)" if explicit
+                 else "another hydra.run.dir and checkpoint.dir to start fresh" if _get(run_config, "checkpoint.dir")
                  else "another hydra.run.dir (or resume=none there) to start fresh")
         raise ValueError(f"cannot resume from {ckpt_dir / tag}: " + "; ".join(diff)
                          + f". Use the same settings, or {fresh}")

@@ -221,7 +221,7 @@ def tokenizer_and_data(t: Target, s: EvalSettings):
     where = "eval.data_path" if s.data_path is not None else f"the data of {t.path} (its run's data.path)"
 
     def data_error(e: ValueError) -> str:  # the reader names data.path=<path>; here the path comes from ``where``
-        return f"{where}: {str(e).replace(f'data.path={path}: ', f'{path}: ', 1)}"
+        return f"{where}: {str(e).replace(f'data.path={path}', str(path), 1)}"
 
     def val_at(n: int):
         # read when a task first needs length n: its errors (a file gone, a bad row) are ConfigErrors naming the source

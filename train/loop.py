@@ -264,6 +264,7 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
             for warning in cfg.warnings():
                 log.warning(warning)
         ckpt_dir = ckpt.checkpoint_dir(cfg.checkpoint.dir, run_dir)
+        ckpt.check_same_checkpoint_dir(run_dir, ckpt_dir)
         resume = ckpt.resolve_resume(cfg.resume, ckpt_dir)
         run_config = {**config_dict, "world_size": world_from_env()[1]}
         if resume is not None:

@@ -65,7 +65,8 @@ def test_stdlib_corpus_one_document_per_module():
         pytest.param("x.jsonl", '{"text": " "}\n', "yields no documents", id="blank-jsonl"),
         # rows the table reader cannot take: the first bad row, named as python -m data.prepare names it
         pytest.param("x.jsonl", '{"text": "a"}\n{"text": 5}\n', "x.jsonl: line 2 field 'text': expected a string, got "
-                     r"int 5 \(training reads the 'text' field; python -m data.prepare data.text_field=<column>",
+                     r"int 5 \(a table's text is read from its 'text' field; python -m data.prepare "
+                     r"data.text_field=<column>",
                      id="mixed-types"),
         pytest.param("x.jsonl", '{"text": 5}\n{"text": 7}\n', "x.jsonl: line 1 field 'text': expected a string",
                      id="numbers-only"),

@@ -296,3 +296,26 @@ def test_resume_with_more_steps_and_another_lr_follows_the_new_schedule(tmp_path
     lam = lr_lambda(SimpleNamespace(optim=SimpleNamespace(warmup_steps=2, min_lr_ratio=0.1),
                                     train=SimpleNamespace(max_steps=6)))
     assert [r["lr"] for r in read_metrics(run)][3:] == pytest.approx([2e-3 * lam(s) for s in (3, 4, 5)])
+
+
+def test_checkpoint_dir_is_recorded_absolute_and_a_relaunch_without_it_is_refused(tmp_path, data_cache):
+    """``checkpoint.dir`` given relative to the launch folder is recorded absolute in config.json (eval, export and
+    resume= find it from anywhere); relaunching the run dir without the setting would start at step 0 beside the
+    run's checkpoints: refused, naming the setting that continues the run, and the run's records are kept."""
+    import os
+
+    from .conftest import REPO
+
+    run_dir, ck = tmp_path / "run", tmp_path / "ck"
+    run_train(["train.max_steps=1", "checkpoint.every=1", f"checkpoint.dir={os.path.relpath(ck, REPO)}"], run_dir,
+              data_cache)
+    assert json.loads((run_dir / "config.json").read_text())["checkpoint"]["dir"] == str(ck.resolve())
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    proc = run_train(["train.max_steps=2"], run_dir, data_cache, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: hydra.run.dir={run_dir} keeps its checkpoints in {ck.resolve()}" in proc.stderr
+    assert f"set checkpoint.dir={ck.resolve()} to continue that run" in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    run_train(["train.max_steps=2", f"checkpoint.dir={ck}"], run_dir, data_cache)  # the fix it names
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"step"' in line][-1] == 2

@@ -283,3 +283,6 @@ def test_a_bad_row_in_eval_data_path_is_named_by_setting_file_and_line(tmp_path,
     message = f"eval.data_path: {table}: line 2 field 'text': expected a string"
     with pytest.raises(ConfigError, match=re.escape(message)):
         val_at(64)
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(ValueError, match=re.escape(f"eval.data_path: {missing} does not exist")):
+        tokenizer_and_data(hf, EvalSettings(data_path=str(missing)))

@@ -4,6 +4,7 @@ config history, metrics files cut by a crash, and checkpoints whose files are tr
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -290,3 +291,43 @@ def test_store_tokenizer_keeps_the_copy_of_the_run_it_resumes(tmp_path):
     store_tokenizer(Tok("f1"), tmp_path, {**saved, "tokenizer_copy": "/elsewhere/tokenizer"})
     store_tokenizer(Tok("f2"), tmp_path, saved)
     assert Tok.saves == 3 and (out / "vocab.txt").read_text() == "f2"
+
+
+def test_a_launch_that_would_save_beside_the_runs_own_checkpoints_is_refused(tmp_path):
+    """A run dir whose earlier launch kept its checkpoints in ``checkpoint.dir=elsewhere``: a launch into it that
+    would save to another folder (the setting left out) is refused naming both and the fix, not started at step 0;
+    the same folder, a run dir without records, or a recorded folder without checkpoints pass."""
+    from train.checkpoint import check_same_checkpoint_dir
+
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run_dir.mkdir()
+    check_same_checkpoint_dir(run_dir, run_dir / "checkpoints")  # no config.json: a new run
+    (run_dir / "config.json").write_text(json.dumps({"checkpoint": {"dir": str(elsewhere)}}))
+    check_same_checkpoint_dir(run_dir, run_dir / "checkpoints")  # recorded folder holds no checkpoint yet
+    (elsewhere / "step_00000002").mkdir(parents=True)
+    with pytest.raises(ValueError, match=re.escape(f"keeps its checkpoints in {elsewhere} (its earlier launch's "
+                                                   f"checkpoint.dir), but this launch would save them to "
+                                                   f"{run_dir / 'checkpoints'}: set checkpoint.dir={elsewhere}")):
+        check_same_checkpoint_dir(run_dir, run_dir / "checkpoints")
+    check_same_checkpoint_dir(run_dir, elsewhere)
+    # the other way round: checkpoints in the run dir, checkpoint.dir newly set
+    (run_dir / "config.json").write_text(json.dumps({"checkpoint": {"dir": None}}))
+    (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
+    with pytest.raises(ValueError, match="set checkpoint.dir=null to continue that run"):
+        check_same_checkpoint_dir(run_dir, elsewhere)
+
+
+@pytest.mark.parametrize("resume, ckpt_dir, advice", [
+    (None, None, "another hydra.run.dir (or resume=none there) to start fresh"),
+    ("auto", "/ckpts", "another hydra.run.dir and checkpoint.dir to start fresh"),
+    ("/old/run", None, "leave out resume= to start fresh (in a hydra.run.dir without checkpoints of its own)"),
+])
+def test_a_resume_with_changed_settings_names_a_way_to_start_fresh_that_works(tmp_path, resume, ckpt_dir, advice):
+    """With ``checkpoint.dir`` set, another run dir alone would resume (or refuse resume=none over) the same
+    checkpoints: the advice names both settings."""
+    tag = tmp_path / "step_00000002"
+    tag.mkdir()
+    (tag / "run_config.json").write_text(json.dumps({"data": {"path": "/corpus", "documents": "module"}}))
+    now = {"data": {"path": "/corpus", "documents": "package"}, "resume": resume, "checkpoint": {"dir": ckpt_dir}}
+    with pytest.raises(ValueError, match=re.escape(f"Use the same settings, or {advice}")):
+        ckpt.check_resume_compatible(tmp_path, tag.name, now)
