@@ -19,7 +19,7 @@ from moba_core.hf import apply_moba, set_moba_layers
 
 from . import checkpoint as ckpt
 from . import data_identity
-from .config import ADAMW_IMPLEMENTATIONS, RunConfig, as_config_error
+from .config import ADAMW_IMPLEMENTATIONS, ConfigError, RunConfig, as_config_error
 from .distributed import DistInfo, device_type, init_distributed, world_from_env
 from .eval import tasks_during_training
 from .export import moba_record, set_plain_file_modes
@@ -293,13 +293,26 @@ def _run(cfg: RunConfig, run_dir: Path, config_dict: dict) -> dict:
     data_kwargs = dict(path=d.path, tokenizer=tokenizer_spec,
                        vocab_size=d.vocab_size, seq_len=d.seq_len, packing=d.packing, cache_dir=d.cache_dir,
                        documents=d.documents)
-    if not info.is_main:
-        dist.barrier()
-    with as_config_error():
-        train_ds, tokenizer = build_data(split="train", **data_kwargs)
-        val_ds, _ = build_data(split="val", **data_kwargs)
+
+    def build_splits():
+        with as_config_error():
+            return build_data(split="train", **data_kwargs), build_data(split="val", **data_kwargs)
+
+    # Rank 0 builds the caches first; the others then read them. Its outcome goes to every rank, so a data error
+    # stops them all with its message (not a lost connection in a barrier).
+    error = built = None
     if info.is_main:
-        dist.barrier()
+        try:
+            built = build_splits()
+        except ConfigError as e:
+            error = e
+    outcome = [None if error is None else str(error)]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise ConfigError(f"{outcome[0]} (rank 0's data setup)")
+    (train_ds, tokenizer), (val_ds, _) = built if built is not None else build_splits()
     with as_config_error():
         data_identity.check_tokenizer_unchanged(saved_data, tokenizer, tokenizer_spec)  # on every rank
     given = None  # where the tokenizer comes from when it is not trained on the corpus

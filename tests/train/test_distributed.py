@@ -84,3 +84,17 @@ def test_which_exits_end_every_rank_together(code, together):
     from train.__main__ import ended_together
 
     assert ended_together(code) is together
+
+
+def test_a_data_error_stops_every_rank_with_its_message(tmp_path, data_cache):
+    """Two ranks, a data file with a bad row: rank 0 finds it while building the caches, and every rank stops with
+    ``error: ...`` naming the file and line (exit 1, no traceback), not the other rank with a lost connection."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 5}\n')
+    proc = run_train([f"data.path={bad}", "train.max_steps=1"], tmp_path / "run", data_cache, nproc=2, check=False)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert err.count(f"error: data.path={bad}: line 2 field 'text': expected a string") == 2, err[-3000:]
+    assert "(rank 0's data setup)" in err
+    # torchrun prints its own ChildFailedError traceback; none comes from our code or a lost connection
+    assert "train/loop.py" not in err and "train/__main__.py" not in err and "Connection" not in err
