@@ -54,6 +54,12 @@ def find_checkpoint(src: Path) -> tuple[Path, str]:
             tag = ckpt.latest_tag(d)
             if tag:
                 return d, tag
+    if not src.exists():
+        raise ValueError(f"{src} does not exist")
+    if (src / "config.json").is_file() and not ckpt.list_tags(ckpt.run_checkpoint_dir(src)):
+        hf = f"; its end-of-run export is {src / 'hf'}" if (src / "hf").is_dir() else ""
+        raise ValueError(f"{src} is a run directory without checkpoints in {ckpt.run_checkpoint_dir(src)} (a run "
+                         f"with checkpoint.enabled=false, or stopped before its first save){hf}")
     raise ValueError(f"{src} is neither a checkpoint (step_*), a checkpoint dir nor a run dir with checkpoints/ "
                      "(or the checkpoint.dir its config.json records)")
 

@@ -104,6 +104,15 @@ def test_weights_are_written_one_decoder_layer_per_shard(tmp_path, monkeypatch):
 def test_export_of_a_path_without_checkpoint_names_it(tmp_path, capsys):
     assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert f"{tmp_path} is neither a checkpoint" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    run = tmp_path / "run"  # a run that saved no checkpoint (checkpoint.enabled=false) but exported at its end
+    (run / "hf").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert export_main([str(run), str(tmp_path / "out")]) == 2
+    assert (f"{run} is a run directory without checkpoints in {run / 'checkpoints'} (a run with "
+            f"checkpoint.enabled=false, or stopped before its first save); its end-of-run export is {run / 'hf'}"
+            in capsys.readouterr().err)
 
 
 def test_an_out_dir_that_export_would_destroy_is_refused(tmp_path, capsys):
