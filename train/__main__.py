@@ -32,7 +32,7 @@ from .config import (
 )
 from .distributed import quiet_deepspeed, shutdown_distributed, world_from_env
 from .preemption import exit_status
-from .rundir import PREEXISTING_RUN_DIRS, claim_run_dir, register_resolvers
+from .rundir import EXISTED_BEFORE, claim_run_dir, register_resolvers
 from .sweep import register_resolvers as register_sweep_resolvers
 from .sweep import sweep_record
 
@@ -68,18 +68,28 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Ru
 
 def drop_if_untouched(run_dir: Path) -> None:
     """Remove ``run_dir`` when a launch refused before any work left nothing in it but Hydra's job log (the folder
-    Hydra made for it): repeated mistakes leave no trail of empty run folders. A folder with anything else (an
-    earlier run's records or checkpoints), one that existed before the launch (``rundir.NotePreexistingRunDir``),
-    and the working directory (or one above it) are kept as they are."""
+    Hydra made for it), and the parents Hydra made for it that are left empty: repeated mistakes leave no trail of
+    empty run folders. A folder with anything else (an earlier run's records or checkpoints), one that existed
+    before the launch (``rundir.NotePreexistingRunDir``), and the working directory (or one above it) are kept."""
     try:
         names = {p.name for p in run_dir.iterdir()}
         here = Path.cwd().resolve()
     except OSError:
         return
     resolved = run_dir.resolve()
-    if names == {"__main__.log"} and resolved != here and resolved not in here.parents \
-            and resolved not in PREEXISTING_RUN_DIRS:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    existed = EXISTED_BEFORE.get(resolved)
+    if names != {"__main__.log"} or resolved == here or resolved in here.parents or existed == resolved:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if existed is None:  # which parents Hydra made is not known: keep them
+        return
+    for parent in resolved.parents:
+        if parent == existed or parent == here or parent in here.parents:
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def ended_together(code) -> bool:

@@ -95,23 +95,22 @@ def launch_time(pattern: str) -> str:
     return dt.datetime.fromtimestamp(agreed_launch_time()).strftime(pattern)
 
 
-# Run folders that existed before this launch's Hydra made or wrote anything (a user's folder, an earlier run's):
-# a refused launch never removes them (``train.__main__.drop_if_untouched``).
-PREEXISTING_RUN_DIRS: set[Path] = set()
+# Per run folder (resolved): the nearest of itself and its parents that existed before this launch's Hydra made or
+# wrote anything; a refused launch removes only what lies below it (``train.__main__.drop_if_untouched``).
+EXISTED_BEFORE: dict[Path, Path] = {}
 
 
 class NotePreexistingRunDir(Callback):
-    """Hydra callback (``hydra.callbacks`` in configs/config.yaml): records whether the run folder exists before
-    Hydra makes it, from ``hydra.run.dir`` as Hydra resolves it (interpolations, escapes, ``~`` left as typed), in
-    ``PREEXISTING_RUN_DIRS``."""
+    """Hydra callback (``hydra.callbacks`` in configs/config.yaml): notes which part of the run folder's path
+    exists before Hydra makes it, from ``hydra.run.dir`` as Hydra resolves it (interpolations, escapes), in
+    ``EXISTED_BEFORE``."""
 
     def on_run_start(self, config, **kwargs) -> None:
         try:
-            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True)))
-        except Exception:  # noqa: BLE001 - an interpolation only Hydra's job can resolve: nothing recorded
+            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True))).resolve()
+        except Exception:  # noqa: BLE001 - an interpolation only Hydra's job can resolve: nothing noted
             return
-        if run_dir.is_dir():
-            PREEXISTING_RUN_DIRS.add(run_dir.resolve())
+        EXISTED_BEFORE[run_dir] = next(p for p in (run_dir, *run_dir.parents) if p.is_dir())
 
 
 def register_resolvers() -> None:
