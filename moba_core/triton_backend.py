@@ -61,7 +61,7 @@ def cached_layout(lens: tuple, block_size: int, dense_blocks: int, device: torch
 def partial_budget(q: torch.Tensor) -> int:
     """Bytes allowed for the kernels' temporary per-entry buffers (partials, gathered rows): twice the size of q,
     at least 128 MiB (``MOBA_PARTIAL_BUDGET_MIB`` sets that floor, for sweeps). Heads are processed in chunks
-    that fit (peak memory stays within 1.25x full attention's: session 15 measured 1.16x at 131072:512:8); each
+    that fit (peak memory stays within 1.25x full attention's: at most 1.17x at the benchmark points, session 16); each
     chunk costs a few kernel launches (two heads per chunk instead of one: -0.5% at the 128K points)."""
     floor_mib = int(os.environ.get("MOBA_PARTIAL_BUDGET_MIB", "128"))
     return max(2 * q.numel() * q.element_size(), floor_mib << 20)

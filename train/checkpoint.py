@@ -188,7 +188,7 @@ def check_same_checkpoint_dir(run_dir: Path, ckpt_dir: Path) -> None:
     if recorded.resolve() != Path(ckpt_dir).resolve() and list_tags(recorded):
         raise ValueError(f"hydra.run.dir={run_dir} keeps its checkpoints in {recorded} (its earlier launch's "
                          f"checkpoint.dir), but this launch would save them to {ckpt_dir}: set checkpoint.dir="
-                         f"{recorded if recorded != Path(run_dir) / 'checkpoints' else 'null'} to continue that run, "
+                         f"{recorded if recorded != checkpoint_dir(None, run_dir) else 'null'} to continue that run, "
                          "or use another hydra.run.dir")
 
 

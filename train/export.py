@@ -49,17 +49,18 @@ def find_checkpoint(src: Path) -> tuple[Path, str]:
         if problem:
             raise ValueError(f"checkpoint {src} cannot be exported: {problem}")
         return src.parent, src.name
-    for d in (src, ckpt.run_checkpoint_dir(src)):
+    run_ckpts = ckpt.run_checkpoint_dir(src)
+    for d in (src, run_ckpts):
         if ckpt.list_tags(d):
             tag = ckpt.latest_tag(d)
             if tag:
                 return d, tag
     if not src.exists():
         raise ValueError(f"{src} does not exist")
-    if (src / "config.json").is_file() and not ckpt.list_tags(ckpt.run_checkpoint_dir(src)):
+    if (src / "config.json").is_file() and not ckpt.list_tags(run_ckpts):
         hf = f"; its end-of-run export is {src / 'hf'}" if (src / "hf").is_dir() else ""
-        raise ValueError(f"{src} is a run directory without checkpoints in {ckpt.run_checkpoint_dir(src)} (a run "
-                         f"with checkpoint.enabled=false, or stopped before its first save){hf}")
+        raise ValueError(f"{src} is a run directory without checkpoints in {run_ckpts} (a run with "
+                         f"checkpoint.enabled=false, or stopped before its first save){hf}")
     raise ValueError(f"{src} is neither a checkpoint (step_*), a checkpoint dir nor a run dir with checkpoints/ "
                      "(or the checkpoint.dir its config.json records)")
 
